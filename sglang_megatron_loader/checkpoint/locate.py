@@ -1,0 +1,124 @@
+"""Find the iteration folder of a Megatron run and tell which checkpoint format it holds."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sglang_megatron_loader.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsupportedCheckpointError,
+)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """A resolved checkpoint: the iteration folder, its iteration and its on-disk format."""
+
+    path: Path  # what the user gave
+    iter_dir: Path
+    iteration: int | None  # None for ``release``
+    format: str  # "torch_dist" (others are refused for now)
+    metadata_json: dict
+
+    @property
+    def iteration_label(self) -> str:
+        return "release" if self.iteration is None else str(self.iteration)
+
+
+def looks_like_megatron(path: str | Path) -> bool:
+    """Cheap test used by the config hook: a run root or an iteration folder of Megatron's."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").exists():
+        return False
+    if (p / TRACKER).is_file() or (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return True
+    if p.name == "release" or _ITER_RE.match(p.name):
+        return True
+    return any(_ITER_RE.match(c.name) for c in p.iterdir() if c.is_dir())
+
+
+def resolve(path: str | Path) -> CheckpointLocation:
+    """Resolve a run root (following the tracker file) or an ``iter_*`` folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise CheckpointNotFoundError(
+            f"{p}: is a file; pass the Megatron run folder (with {TRACKER}) or an iter_* folder"
+        )
+    iter_dir, iteration = _iteration_dir(p)
+    return CheckpointLocation(p, iter_dir, iteration, *_detect_format(iter_dir))
+
+
+def _iteration_dir(p: Path) -> tuple[Path, int | None]:
+    tracker = p / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text(errors="replace").strip()
+        if text == "release":
+            target, iteration = p / "release", None
+        elif text.isdigit():
+            iteration = int(text)
+            target = p / f"iter_{iteration:07d}"
+        else:
+            raise CorruptCheckpointError(
+                f"{tracker}: expected an iteration number or 'release', found {text[:60]!r}"
+            )
+        if not target.is_dir():
+            raise CheckpointNotFoundError(
+                f"{tracker} names iteration {text!r} but {target} does not exist; point "
+                "--model-path at an existing iter_* folder or fix the tracker file"
+            )
+        return target, iteration
+    match = _ITER_RE.match(p.name)
+    if match:
+        return p, int(match.group(1))
+    if p.name == "release":
+        return p, None
+    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return p, None
+    iters = sorted(c.name for c in p.iterdir() if c.is_dir() and _ITER_RE.match(c.name))
+    hint = f" (found {', '.join(iters[-3:])}: pass one of them)" if iters else ""
+    raise CheckpointNotFoundError(
+        f"{p}: not a Megatron checkpoint: no {TRACKER} and not an iter_* folder{hint}"
+    )
+
+
+def _detect_format(d: Path) -> tuple[str, dict]:
+    names = {c.name for c in d.iterdir()}
+    meta_json = d / "metadata.json"
+    if meta_json.is_file():
+        try:
+            meta = json.loads(meta_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(f"{meta_json}: not valid JSON ({exc})") from exc
+        backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
+        if backend != "torch_dist":
+            raise UnsupportedCheckpointError(
+                f"{meta_json}: sharded_backend is {backend!r}; only 'torch_dist' is supported"
+            )
+        return "torch_dist", meta
+    if any(n.startswith("mp_rank_") for n in names):
+        raise UnsupportedCheckpointError(
+            f"{d}: legacy per-rank 'torch' format (mp_rank_* folders) is not supported yet; "
+            "re-save with --ckpt-format torch_dist"
+        )
+    if ".metadata" in names or any(n.endswith(".distcp") for n in names):
+        raise IncompleteCheckpointError(
+            f"{d}: has DCP data but no metadata.json. Megatron writes metadata.json last, so the "
+            "save is incomplete (still running or crashed); wait for it to finish or load an "
+            "earlier iteration. (torch_dcp/fsdp_dtensor checkpoints, which also lack it, are not "
+            "supported yet.)"
+        )
+    if not names:
+        raise CheckpointNotFoundError(f"{d}: the folder is empty")
+    raise CheckpointNotFoundError(
+        f"{d}: no metadata.json, .metadata or mp_rank_* inside; not a Megatron checkpoint"
+    )

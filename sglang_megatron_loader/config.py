@@ -1,0 +1,152 @@
+"""Megatron training ``args`` -> a transformers ``LlamaConfig`` SGLang accepts.
+
+Every field comes from the checkpoint itself; nothing is typed by hand. Architectures the Llama
+mapping cannot serve are refused with one error listing every offending arg and its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LlamaConfig
+
+from sglang_megatron_loader.errors import CorruptCheckpointError, UnsupportedCheckpointError
+
+REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads")
+
+# (arg, predicate that is True when the value is unsupported, what it means)
+_REFUSALS: tuple[tuple[str, Any, str], ...] = (
+    ("num_experts", lambda v: bool(v), "mixture-of-experts"),
+    ("multi_latent_attention", lambda v: bool(v), "multi-latent attention (MLA)"),
+    ("add_bias_linear", lambda v: bool(v), "biases on linear layers"),
+    ("add_qkv_bias", lambda v: bool(v), "qkv bias (Qwen2-style)"),
+    ("qk_layernorm", lambda v: bool(v), "qk-layernorm (Qwen3-style)"),
+    ("normalization", lambda v: v not in (None, "RMSNorm"), "normalization other than RMSNorm"),
+    ("swiglu", lambda v: v is False, "MLP activation other than SwiGLU"),
+    ("squared_relu", lambda v: bool(v), "squared-ReLU activation"),
+    ("position_embedding_type", lambda v: v not in (None, "rope"), "position embedding other than RoPE"),
+    ("rotary_percent", lambda v: v is not None and float(v) != 1.0, "partial rotary embedding"),
+    ("rotary_interleaved", lambda v: bool(v), "interleaved rotary embedding"),
+    ("use_rope_scaling", lambda v: bool(v), "Llama-3.x rope scaling (not mapped yet)"),
+    ("apply_layernorm_1p", lambda v: bool(v), "layernorm-1p (zero-centred gamma)"),
+    ("apply_residual_connection_post_layernorm", lambda v: bool(v), "post-layernorm residual"),
+    ("window_size", lambda v: v is not None, "sliding-window attention"),
+    ("mtp_num_layers", lambda v: bool(v), "multi-token-prediction layers"),
+    ("heterogeneous_layers_config_path", lambda v: bool(v), "heterogeneous layers"),
+)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The dimensions the planner needs, derived from args (and confirmed against shapes)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    padded_vocab_size: int
+    vocab_size: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any, padded_vocab_size: int) -> ModelDims:
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            ffn_hidden_size=cfg.intermediate_size,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            padded_vocab_size=padded_vocab_size,
+            vocab_size=cfg.vocab_size,
+            tied_embeddings=bool(cfg.tie_word_embeddings),
+        )
+
+
+def unsupported_args(args: Any) -> list[str]:
+    """Each unsupported feature as ``'arg=value (meaning)'``."""
+    out = []
+    for name, bad, meaning in _REFUSALS:
+        value = getattr(args, name, None)
+        if bad(value):
+            out.append(f"{name}={value!r} ({meaning})")
+    return out
+
+
+def megatron_dtype(args: Any) -> torch.dtype:
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return torch.float32
+
+
+def llama_config_from_args(
+    args: Any, *, source: str, overrides: dict[str, Any] | None = None
+) -> LlamaConfig:
+    """Build the HF config. ``overrides`` may set ``vocab_size`` and ``dtype`` (or any field)."""
+    missing = [n for n in REQUIRED_ARGS if getattr(args, n, None) is None]
+    if missing:
+        raise CorruptCheckpointError(f"{source}: args lack {', '.join(missing)}; cannot derive the model")
+    refused = unsupported_args(args)
+    if refused:
+        raise UnsupportedCheckpointError(
+            f"{source}: this checkpoint uses features the Llama loader does not serve:\n  "
+            + "\n  ".join(refused)
+        )
+    hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
+    kv_heads = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    padded = getattr(args, "padded_vocab_size", None)
+    vocab = getattr(args, "vocab_size", None) or padded
+    if vocab is None:
+        raise CorruptCheckpointError(
+            f"{source}: args have neither vocab_size nor padded_vocab_size; pass the vocabulary "
+            'size with --json-model-override-args \'{"vocab_size": N}\''
+        )
+    dtype = megatron_dtype(args)
+    fields: dict[str, Any] = dict(
+        architectures=["LlamaForCausalLM"],
+        num_hidden_layers=int(args.num_layers),
+        hidden_size=hidden,
+        intermediate_size=int(getattr(args, "ffn_hidden_size", None) or 4 * hidden),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=int(getattr(args, "kv_channels", None) or hidden // heads),
+        rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        rope_theta=float(getattr(args, "rotary_base", 10000)),
+        max_position_embeddings=int(
+            getattr(args, "max_position_embeddings", None) or getattr(args, "seq_length", None) or 4096
+        ),
+        vocab_size=int(vocab),
+        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    fields.update(_normalise_overrides(overrides or {}, source))
+    config = LlamaConfig(**fields)
+    config.megatron_padded_vocab_size = int(padded or vocab)
+    return config
+
+
+def _normalise_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    out = dict(overrides)
+    if "torch_dtype" in out:
+        out["dtype"] = out.pop("torch_dtype")
+    if "dtype" in out:
+        value = str(out["dtype"]).removeprefix("torch.")
+        if value not in ("float32", "bfloat16", "float16"):
+            raise UnsupportedCheckpointError(
+                f"{source}: dtype override {out['dtype']!r}: expected float32, bfloat16 or float16"
+            )
+        out["dtype"] = value
+    if "vocab_size" in out and (not isinstance(out["vocab_size"], int) or out["vocab_size"] <= 0):
+        raise UnsupportedCheckpointError(
+            f"{source}: vocab_size override {out['vocab_size']!r} is not a positive integer"
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Model-family mapping tables and the sharding rule types."""

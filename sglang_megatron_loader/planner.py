@@ -1,0 +1,129 @@
+"""Pure planning: (tensor metadata, dims, target TP rank) -> which global slices fill which rows.
+
+No I/O and no torch.distributed: a plan can be built, printed and tested from metadata alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from sglang_megatron_loader.config import ModelDims
+from sglang_megatron_loader.errors import WeightMismatchError
+from sglang_megatron_loader.models.rules import Region, Tp
+from sglang_megatron_loader.models.table import HasShape, ModelTable
+
+
+@dataclass(frozen=True)
+class Read:
+    """Global ``region`` of checkpoint tensor ``key`` -> target rows ``dst`` of the parameter."""
+
+    key: str
+    region: Region
+    dst: tuple[int, int]
+
+    def numel(self) -> int:
+        n = 1
+        for lo, hi in self.region:
+            n *= hi - lo
+        return n
+
+    def __str__(self) -> str:
+        region = ", ".join(f"{lo}:{hi}" for lo, hi in self.region)
+        return f"rows {self.dst[0]}:{self.dst[1]} <- {self.key}[{region}]"
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """How one SGLang parameter on one rank is filled."""
+
+    name: str
+    shape: tuple[int, ...]
+    reads: tuple[Read, ...]
+    zero_rows: tuple[int, int] | None
+
+    def __post_init__(self) -> None:
+        covered = sorted([r.dst for r in self.reads] + ([self.zero_rows] if self.zero_rows else []))
+        pos = 0
+        for lo, hi in covered:
+            if lo != pos:
+                raise WeightMismatchError(f"plan for {self.name}: rows {pos}..{lo} not filled exactly once")
+            pos = hi
+        if pos != self.shape[0]:
+            raise WeightMismatchError(f"plan for {self.name}: fills {pos} of {self.shape[0]} rows")
+
+    def __str__(self) -> str:
+        lines = [f"{self.name} {list(self.shape)}"]
+        lines += [f"    {r}" for r in self.reads]
+        if self.zero_rows:
+            lines.append(f"    rows {self.zero_rows[0]}:{self.zero_rows[1]} <- zeros (vocab padding)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """All parameters of one TP rank."""
+
+    tp: Tp
+    params: tuple[ParamPlan, ...]
+
+    def elements_to_read(self) -> int:
+        return sum(r.numel() for p in self.params for r in p.reads)
+
+    def keys(self) -> set[str]:
+        return {r.key for p in self.params for r in p.reads}
+
+    def __str__(self) -> str:
+        head = f"TP rank {self.tp.rank}/{self.tp.size}: {len(self.params)} parameters"
+        return "\n".join([head, *(str(p) for p in self.params)])
+
+
+def plan_parameter(
+    table: ModelTable, name: str, dims: ModelDims, tensors: dict[str, HasShape], tp: Tp
+) -> ParamPlan:
+    """The plan for SGLang parameter ``name`` on rank ``tp``."""
+    hit = table.match_target(name)
+    if hit is None:
+        raise WeightMismatchError(
+            f"SGLang parameter '{name}' has no source in the {table.name} mapping table"
+        )
+    mapping, layer = hit
+    ref = table.source(mapping, layer, tensors)
+    shape = tuple(tensors[ref.key].shape)
+    if ref.layer_index is not None:
+        if shape[0] != dims.num_layers:
+            raise WeightMismatchError(
+                f"checkpoint tensor '{ref.key}': stacked layer axis is {shape[0]}, "
+                f"expected num_layers={dims.num_layers} from args"
+            )
+        shape = shape[1:]
+    result = mapping.rule.apply(shape, dims, tp, f"checkpoint tensor '{ref.key}'")
+    lead = ((ref.layer_index, ref.layer_index + 1),) if ref.layer_index is not None else ()
+    reads = tuple(Read(ref.key, lead + b.region, b.dst) for b in result.blocks)
+    return ParamPlan(name, result.shape, reads, result.zero_rows)
+
+
+def plan_rank(
+    table: ModelTable,
+    dims: ModelDims,
+    tensors: dict[str, HasShape],
+    tp: Tp,
+    param_names: Iterable[str] | None = None,
+) -> RankPlan:
+    """Plans for ``param_names`` (default: every parameter of a single-stage model)."""
+    names = list(param_names) if param_names is not None else table.target_names(
+        dims.num_layers, dims.tied_embeddings
+    )
+    return RankPlan(tp, tuple(plan_parameter(table, n, dims, tensors, tp) for n in names))
+
+
+def check_checkpoint_keys(table: ModelTable, dims: ModelDims, keys: Iterable[str]) -> list[str]:
+    """Every checkpoint tensor must be mapped or deliberately ignored; returns the ignored ones."""
+    _, ignored, unknown = table.classify(keys, dims.num_layers, dims.tied_embeddings)
+    if unknown:
+        raise WeightMismatchError(
+            f"checkpoint holds {len(unknown)} model tensor(s) the {table.name} table neither maps "
+            f"nor ignores: {', '.join(sorted(unknown)[:8])}. The checkpoint has parts this "
+            "loader would silently drop (a different architecture?)."
+        )
+    return ignored

@@ -1,0 +1,1 @@
+"""SGLang side: the plugin entry point and the model loader (imports SGLang lazily)."""

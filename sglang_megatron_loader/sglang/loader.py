@@ -1,0 +1,98 @@
+"""Loader room: knows only SGLang. Builds SGLang's model and fills it through a rank plan."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from sglang.srt.configs.device_config import DeviceConfig
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_loader.loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    _initialize_model,
+    post_load_weights,
+)
+from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.engine import dims_for, execute_plan
+from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
+from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models.rules import Tp
+from sglang_megatron_loader.planner import plan_rank
+
+logger = logging.getLogger("sglang_megatron_loader")
+
+EXTRA_CONFIG_KEYS = frozenset({"progress"})
+
+
+def current_tp() -> Tp:
+    """This process's tensor-parallel rank and size, as SGLang's runtime context reports them."""
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    return Tp(parallel.tp_rank, parallel.tp_size)
+
+
+class MegatronModelLoader(BaseModelLoader):
+    """``--load-format megatron``: reads Megatron ``torch_dist`` checkpoints directly."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        extra = dict(load_config.model_loader_extra_config or {})
+        unknown = sorted(set(extra) - EXTRA_CONFIG_KEYS)
+        if unknown:
+            raise UnsupportedCheckpointError(
+                f"--model-loader-extra-config: unknown key(s) {unknown} for --load-format "
+                f"megatron; accepted: {sorted(EXTRA_CONFIG_KEYS)}"
+            )
+        self.extra = extra
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing to download: Megatron checkpoints are local folders."""
+
+    def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> nn.Module:
+        if getattr(model_config, "quantization", None):
+            raise UnsupportedCheckpointError(
+                f"--quantization {model_config.quantization} is not supported with "
+                "--load-format megatron"
+            )
+        target = torch.device(device_config.device)
+        with MegatronCheckpoint(model_config.model_path) as ckpt:
+            dims = dims_for(ckpt, model_config.hf_config)
+            with set_default_torch_dtype(model_config.dtype), target:
+                model = _initialize_model(model_config, self.load_config, None)
+            self.load_weights_into(model, ckpt, dims)
+        DefaultModelLoader.postprocess_weights(model, target)
+        return model.eval()
+
+    def load_weights_into(self, model: nn.Module, ckpt: MegatronCheckpoint, dims: Any) -> None:
+        """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``."""
+        tp = current_tp()
+        params = dict(model.named_parameters())
+        plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
+        loc = ckpt.location
+        to_read = sum(
+            r.numel() * ckpt.tensors[r.key].dtype.itemsize for p in plan.params for r in p.reads
+        )
+        logger.info(
+            "Megatron checkpoint %s (iteration %s, %s): TP rank %d/%d, %d parameters, "
+            "%.3f GB to read",
+            loc.iter_dir, loc.iteration_label, loc.format, tp.rank, tp.size,
+            len(plan.params), to_read / 1e9,
+        )
+        show = bool(self.extra.get("progress", True)) and tp.rank == 0
+        report = execute_plan(ckpt, plan, lambda p: params[p.name].data, progress=show)
+        filled = {p.name for p in plan.params}
+        if filled != set(params):
+            raise WeightMismatchError(f"parameters not filled: {sorted(set(params) - filled)}")
+        post_load_weights(model)
+        logger.info(
+            "Loaded %d parameters from %s in %.2f s (%.3f GB read, %.2f GB/s)",
+            report.params, loc.iter_dir, report.seconds, report.bytes_read / 1e9, report.gbps,
+        )

@@ -1,0 +1,75 @@
+"""SGLang plugin: registers ``--load-format megatron`` and the Megatron config source.
+
+Runs in every SGLang process through the ``sglang.srt.plugins`` entry point. Only SGLang's own
+extension points are used: the load-format choice list and ``HookRegistry`` hooks on
+``LoadConfig._verify_load_format`` (string -> loader class), ``get_config`` (a Megatron folder
+has no config.json) and ``ModelConfig.from_server_args`` (validate the path early).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Any
+
+from sglang_megatron_loader.errors import MegatronLoaderError
+
+logger = logging.getLogger("sglang_megatron_loader")
+
+LOAD_FORMAT = "megatron"
+_FORCE_MEGATRON: contextvars.ContextVar[bool] = contextvars.ContextVar("force_megatron", default=False)
+
+
+def _verify_load_format(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    if isinstance(self.load_format, str) and self.load_format.lower() == LOAD_FORMAT:
+        from sglang_megatron_loader.sglang.loader import MegatronModelLoader
+
+        self.load_format = MegatronModelLoader
+        return None
+    return original(self, *args, **kwargs)
+
+
+def _get_config(original: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+    from sglang_megatron_loader.checkpoint import looks_like_megatron
+
+    if not (_FORCE_MEGATRON.get() or looks_like_megatron(model)):
+        return original(model, *args, **kwargs)
+    from sglang_megatron_loader.engine import hf_config_for
+
+    overrides = kwargs.get("model_override_args") or (args[2] if len(args) > 2 else None)
+    return _user_facing(hf_config_for, str(model), dict(overrides or {}))
+
+
+def _from_server_args(original: Any, server_args: Any, *args: Any, **kwargs: Any) -> Any:
+    if str(getattr(server_args, "load_format", "")).lower() != LOAD_FORMAT:
+        return original(server_args, *args, **kwargs)
+    token = _FORCE_MEGATRON.set(True)
+    try:
+        return original(server_args, *args, **kwargs)
+    finally:
+        _FORCE_MEGATRON.reset(token)
+
+
+def _user_facing(fn: Any, *args: Any) -> Any:
+    """Log our errors as one clear line before they propagate through SGLang."""
+    try:
+        return fn(*args)
+    except MegatronLoaderError as exc:
+        logger.error("sglang-megatron-loader: %s", exc)
+        raise
+
+
+def register() -> None:
+    """Entry point of the ``sglang.srt.plugins`` group."""
+    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES, add_load_format_choices
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
+        add_load_format_choices([LOAD_FORMAT])
+    hooks = {
+        "sglang.srt.configs.load_config.LoadConfig._verify_load_format": _verify_load_format,
+        "sglang.srt.utils.hf_transformers.config.get_config": _get_config,
+        "sglang.srt.configs.model_config.ModelConfig.from_server_args": _from_server_args,
+    }
+    for target, hook in hooks.items():
+        HookRegistry.register(target, hook, HookType.AROUND)
