@@ -124,6 +124,8 @@ def llama_config_from_args(
         vocab_size=int(vocab),
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         hidden_act="silu",
+        bos_token_id=None,  # token ids belong to the tokenizer, which Megatron args lack
+        eos_token_id=None,
         attention_bias=False,
         mlp_bias=False,
         dtype=str(dtype).removeprefix("torch."),

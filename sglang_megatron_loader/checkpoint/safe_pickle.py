@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import planner as dcp_planner
 
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsafePickleError
 
@@ -104,10 +105,16 @@ def _dcp_globals() -> dict[tuple[str, str], Any]:
             "ChunkStorageMetadata",
             "TensorProperties",
             "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
         )
         if hasattr(dcp_metadata, name)
     }
     out[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_filesystem._StorageInfo
+    planner = "torch.distributed.checkpoint.planner"
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan",
+                 "ReadItem", "LoadItemType"):
+        if hasattr(dcp_planner, name):
+            out[(planner, name)] = getattr(dcp_planner, name)
     # mcore 0.15 subclassed Metadata; older versions pickled their own save plan.
     strat = "megatron.core.dist_checkpointing.strategies.torch"
     out[(strat, "MCoreMetadata")] = dcp_metadata.Metadata
@@ -137,10 +144,19 @@ def _plain_globals() -> dict[tuple[str, str], Any]:
         ("torch", "preserve_format"): torch.preserve_format,
         ("torch", "strided"): torch.strided,
         ("torch", "layout"): torch.layout,
+        ("torch.serialization", "_get_layout"): _layout_by_name,
         ("torch", "memory_format"): torch.memory_format,
         ("io", "BytesIO"): io.BytesIO,
         ("_io", "BytesIO"): io.BytesIO,
     }
+
+
+def _layout_by_name(name: str) -> torch.layout:
+    """``torch.serialization._get_layout`` without its lookup side effects."""
+    layouts = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+    if name not in layouts:
+        raise pickle.UnpicklingError(f"unknown torch layout {name!r}")
+    return layouts[name]
 
 
 def _reconstructor(cls: type, base: type, state: Any) -> Any:

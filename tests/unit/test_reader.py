@@ -1,0 +1,138 @@
+"""Reader room on real megatron-core checkpoints: locating, metadata, safe pickles, slices."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint, resolve
+from sglang_megatron_loader.checkpoint.dcp import DcpCheckpoint
+from sglang_megatron_loader.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsafePickleError,
+)
+
+QKV = "decoder.layers.self_attention.linear_qkv.weight"
+
+
+def dcp_reference(iter_dir: Path, key: str, info) -> torch.Tensor:
+    """Independent path: PyTorch's own DCP loader (no process group)."""
+    out = {key: torch.empty(info.shape, dtype=info.dtype)}
+    dcp.load(out, storage_reader=dcp.FileSystemReader(str(iter_dir)), no_dist=True)
+    return out[key]
+
+
+@pytest.mark.parametrize("variant", ["fp32_tp1", "fp32_tp2", "fp32_pp2", "bf16_tp1"])
+def test_every_model_tensor_reads_equal_to_torch_dcp(megatron_ckpt, variant: str) -> None:
+    with MegatronCheckpoint(megatron_ckpt(variant)) as ckpt:
+        model_keys = [k for k in ckpt.tensors if not k.startswith("optimizer")]
+        assert QKV in model_keys
+        for key in model_keys:
+            info = ckpt.tensors[key]
+            full = ckpt.dcp.read_slice(key, tuple((0, s) for s in info.shape))
+            assert torch.equal(full, dcp_reference(ckpt.location.iter_dir, key, info)), key
+
+
+def test_tp2_checkpoint_has_split_chunks_and_slices_read_only_their_bytes(megatron_ckpt) -> None:
+    with MegatronCheckpoint(megatron_ckpt("fp32_tp2")) as ckpt:
+        info = ckpt.tensors[QKV]
+        assert len(info.chunks) == info.shape[0] * 2  # one per layer per training TP rank
+        rows = info.shape[1]
+        before = ckpt.dcp.stats.bytes_read
+        part = ckpt.dcp.read_slice(QKV, ((1, 2), (0, rows // 4), (0, info.shape[2])))
+        assert ckpt.dcp.stats.bytes_read - before == part.numel() * 4
+        full = dcp_reference(ckpt.location.iter_dir, QKV, info)
+        assert torch.equal(part, full[1:2, : rows // 4])
+        # a slice straddling the two training ranks' chunks
+        mid = ckpt.dcp.read_slice(QKV, ((0, 1), (rows // 2 - 3, rows // 2 + 5), (2, 7)))
+        assert torch.equal(mid, full[0:1, rows // 2 - 3 : rows // 2 + 5, 2:7])
+
+
+def test_args_come_from_the_common_state(megatron_ckpt) -> None:
+    with MegatronCheckpoint(megatron_ckpt("fp32_tp1")) as ckpt:
+        assert ckpt.args.num_layers == ckpt.tensors[QKV].shape[0]
+        assert ckpt.common["iteration"] == ckpt.location.iteration == 10
+        assert ckpt.args.normalization == "RMSNorm"
+
+
+def test_run_root_iter_dir_and_release_all_resolve(ckpt_copy) -> None:
+    root = ckpt_copy("fp32_tp1")
+    iter_dir = root / "iter_0000010"
+    assert resolve(root).iter_dir == iter_dir
+    assert resolve(iter_dir).iteration == 10
+    iter_dir.rename(root / "release")
+    (root / "latest_checkpointed_iteration.txt").write_text("release\n")
+    loc = resolve(root)
+    assert loc.iter_dir == root / "release" and loc.iteration is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (lambda r: (r / "iter_0000010" / "metadata.json").unlink(),
+         IncompleteCheckpointError, "no metadata.json.*save is incomplete"),
+        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("20"),
+         CheckpointNotFoundError, "names iteration '20' but .*iter_0000020 does not exist"),
+        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("banana"),
+         CorruptCheckpointError, "expected an iteration number or 'release', found 'banana'"),
+    ],
+)
+def test_broken_layouts_get_clear_errors(ckpt_copy, damage: Callable, error, match: str) -> None:
+    root = ckpt_copy("fp32_tp1")
+    damage(root)
+    with pytest.raises(error, match=match):
+        MegatronCheckpoint(root)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="no such file"):
+        resolve(tmp_path / "nope")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(CheckpointNotFoundError, match="is a file"):
+        resolve(tmp_path / "f.txt")
+    with pytest.raises(CheckpointNotFoundError, match="not a Megatron checkpoint"):
+        resolve(tmp_path)
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_hostile_metadata_pickle_is_refused_and_never_runs(ckpt_copy, tmp_path: Path) -> None:
+    root = ckpt_copy("fp32_tp1")
+    marker = tmp_path / "pwned"
+    (root / "iter_0000010" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(UnsafePickleError, match=r"\.metadata: refusing to unpickle global 'pathlib"):
+        MegatronCheckpoint(root)
+    assert not marker.exists()
+
+
+def test_truncated_data_file_names_file_and_sizes(ckpt_copy) -> None:
+    root = ckpt_copy("fp32_tp1")
+    iter_dir = root / "iter_0000010"
+    ckpt = DcpCheckpoint(iter_dir)
+    info = ckpt.tensors[QKV]
+    data = iter_dir / info.chunks[-1].relative_path
+    with open(data, "r+b") as f:
+        f.truncate(info.chunks[-1].offset + 10)
+    with pytest.raises(CorruptCheckpointError, match=r"\.distcp.*truncated"):
+        ckpt.read_slice(QKV, tuple((0, s) for s in info.shape))
+
+
+def test_metadata_json_with_other_backend_is_refused(ckpt_copy) -> None:
+    root = ckpt_copy("fp32_tp1")
+    (root / "iter_0000010" / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(Exception, match="sharded_backend is 'zarr'"):
+        resolve(root)
