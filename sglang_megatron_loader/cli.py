@@ -36,8 +36,11 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
                 dims = dims_for(ckpt, config)
                 plan = [plan_rank(LLAMA, dims, ckpt.tensors, Tp(r, ns.tp)) for r in range(ns.tp)]
                 info["bytes_per_rank"] = [
-                    sum(r.numel() * ckpt.tensors[r.key].dtype.itemsize
-                        for p in rp.params for r in p.reads)
+                    sum(
+                        r.numel() * ckpt.tensors[r.key].dtype.itemsize
+                        for p in rp.params
+                        for r in p.reads
+                    )
                     for rp in plan
                 ]
     if ns.json:

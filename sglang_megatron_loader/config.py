@@ -26,7 +26,11 @@ _REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("normalization", lambda v: v not in (None, "RMSNorm"), "normalization other than RMSNorm"),
     ("swiglu", lambda v: v is False, "MLP activation other than SwiGLU"),
     ("squared_relu", lambda v: bool(v), "squared-ReLU activation"),
-    ("position_embedding_type", lambda v: v not in (None, "rope"), "position embedding other than RoPE"),
+    (
+        "position_embedding_type",
+        lambda v: v not in (None, "rope"),
+        "position embedding other than RoPE",
+    ),
     ("rotary_percent", lambda v: v is not None and float(v) != 1.0, "partial rotary embedding"),
     ("rotary_interleaved", lambda v: bool(v), "interleaved rotary embedding"),
     ("use_rope_scaling", lambda v: bool(v), "Llama-3.x rope scaling (not mapped yet)"),
@@ -91,7 +95,9 @@ def llama_config_from_args(
     """Build the HF config. ``overrides`` may set ``vocab_size`` and ``dtype`` (or any field)."""
     missing = [n for n in REQUIRED_ARGS if getattr(args, n, None) is None]
     if missing:
-        raise CorruptCheckpointError(f"{source}: args lack {', '.join(missing)}; cannot derive the model")
+        raise CorruptCheckpointError(
+            f"{source}: args lack {', '.join(missing)}; cannot derive the model"
+        )
     refused = unsupported_args(args)
     if refused:
         raise UnsupportedCheckpointError(
@@ -99,13 +105,15 @@ def llama_config_from_args(
             + "\n  ".join(refused)
         )
     hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
-    kv_heads = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    kv_heads = (
+        int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    )
     padded = getattr(args, "padded_vocab_size", None)
     vocab = getattr(args, "vocab_size", None) or padded
     if vocab is None:
         raise CorruptCheckpointError(
             f"{source}: args have neither vocab_size nor padded_vocab_size; pass the vocabulary "
-            'size with --json-model-override-args \'{"vocab_size": N}\''
+            "size with --json-model-override-args '{\"vocab_size\": N}'"
         )
     dtype = megatron_dtype(args)
     fields: dict[str, Any] = dict(
@@ -119,7 +127,9 @@ def llama_config_from_args(
         rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
         rope_theta=float(getattr(args, "rotary_base", 10000)),
         max_position_embeddings=int(
-            getattr(args, "max_position_embeddings", None) or getattr(args, "seq_length", None) or 4096
+            getattr(args, "max_position_embeddings", None)
+            or getattr(args, "seq_length", None)
+            or 4096
         ),
         vocab_size=int(vocab),
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),

@@ -68,8 +68,14 @@ def execute_plan(
     total = sum(
         r.numel() * ckpt.tensors[r.key].dtype.itemsize for p in plan.params for r in p.reads
     )
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="Loading Megatron weights",
-               disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="Loading Megatron weights",
+        disable=not progress,
+        mininterval=1.0,
+    )
     for p in plan.params:
         dest = destination(p)
         if tuple(dest.shape) != p.shape:
@@ -85,4 +91,6 @@ def execute_plan(
         if p.zero_rows:
             dest[p.zero_rows[0] : p.zero_rows[1]].zero_()
     bar.close()
-    return LoadReport(time.perf_counter() - start, ckpt.dcp.stats.bytes_read - before, len(plan.params))
+    return LoadReport(
+        time.perf_counter() - start, ckpt.dcp.stats.bytes_read - before, len(plan.params)
+    )

@@ -5,8 +5,8 @@ No I/O and no torch.distributed: a plan can be built, printed and tested from me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from sglang_megatron_loader.config import ModelDims
 from sglang_megatron_loader.errors import WeightMismatchError
@@ -47,7 +47,9 @@ class ParamPlan:
         pos = 0
         for lo, hi in covered:
             if lo != pos:
-                raise WeightMismatchError(f"plan for {self.name}: rows {pos}..{lo} not filled exactly once")
+                raise WeightMismatchError(
+                    f"plan for {self.name}: rows {pos}..{lo} not filled exactly once"
+                )
             pos = hi
         if pos != self.shape[0]:
             raise WeightMismatchError(f"plan for {self.name}: fills {pos} of {self.shape[0]} rows")
@@ -56,7 +58,9 @@ class ParamPlan:
         lines = [f"{self.name} {list(self.shape)}"]
         lines += [f"    {r}" for r in self.reads]
         if self.zero_rows:
-            lines.append(f"    rows {self.zero_rows[0]}:{self.zero_rows[1]} <- zeros (vocab padding)")
+            lines.append(
+                f"    rows {self.zero_rows[0]}:{self.zero_rows[1]} <- zeros (vocab padding)"
+            )
         return "\n".join(lines)
 
 
@@ -111,8 +115,10 @@ def plan_rank(
     param_names: Iterable[str] | None = None,
 ) -> RankPlan:
     """Plans for ``param_names`` (default: every parameter of a single-stage model)."""
-    names = list(param_names) if param_names is not None else table.target_names(
-        dims.num_layers, dims.tied_embeddings
+    names = (
+        list(param_names)
+        if param_names is not None
+        else table.target_names(dims.num_layers, dims.tied_embeddings)
     )
     return RankPlan(tp, tuple(plan_parameter(table, n, dims, tensors, tp) for n in names))
 

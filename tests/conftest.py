@@ -26,10 +26,21 @@ def fixture_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def megatron_ckpt(fixture_cache: Path) -> Callable[[str], Path]:
-    """``megatron_ckpt(name)`` -> run root of a real checkpoint of that variant (cached)."""
-    from make_megatron_checkpoint import ensure_fixture
+    """``megatron_ckpt(name)`` -> run root of a real checkpoint of that variant.
 
-    return lambda name: ensure_fixture(fixture_cache, name)
+    All variants are generated together on first use (one interpreter, ~1-2 min on 2 cores)
+    and cached under a folder keyed by the generator's source and megatron/torch versions.
+    """
+    from make_megatron_checkpoint import VARIANTS, ensure_fixtures
+
+    paths: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if not paths:
+            paths.update(ensure_fixtures(fixture_cache, list(VARIANTS)))
+        return paths[name]
+
+    return get
 
 
 @pytest.fixture
@@ -37,8 +48,10 @@ def ckpt_copy(megatron_ckpt: Callable[[str], Path], tmp_path: Path) -> Callable[
     """A private copy of a fixture run root, for tests that damage it."""
 
     def copy(name: str) -> Path:
+        src = megatron_ckpt(name)
         dest = tmp_path / name
-        shutil.copytree(megatron_ckpt(name), dest)
+        shutil.copytree(src, dest)
+        shutil.copy(f"{src}.reference.pt", f"{dest}.reference.pt")
         return dest
 
     return copy

@@ -7,7 +7,11 @@ from typing import Any
 
 from sglang_megatron_loader.checkpoint.common import read_common_state
 from sglang_megatron_loader.checkpoint.dcp import DcpCheckpoint, TensorInfo
-from sglang_megatron_loader.checkpoint.locate import CheckpointLocation, looks_like_megatron, resolve
+from sglang_megatron_loader.checkpoint.locate import (
+    CheckpointLocation,
+    looks_like_megatron,
+    resolve,
+)
 
 __all__ = [
     "CheckpointLocation",

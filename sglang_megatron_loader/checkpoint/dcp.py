@@ -202,7 +202,9 @@ class DcpCheckpoint:
     def read_bytes_item(self, key: str) -> bytes:
         """The raw payload of a bytes item (e.g. ``common_state/shard_0_1``)."""
         if key not in self.bytes_items:
-            raise CorruptCheckpointError(f"{self.folder}: bytes item '{key}' is not in the checkpoint")
+            raise CorruptCheckpointError(
+                f"{self.folder}: bytes item '{key}' is not in the checkpoint"
+            )
         rel, offset, length = self.bytes_items[key]
         f = self._file(rel)
         data = os.pread(f.fileno(), length, offset)
@@ -241,7 +243,9 @@ def _check_region(info: TensorInfo, region: Any) -> Slice:
     return region
 
 
-def _index(meta: Any, source: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[str, int, int]]]:
+def _index(
+    meta: Any, source: Path
+) -> tuple[dict[str, TensorInfo], dict[str, tuple[str, int, int]]]:
     """Join ``state_dict_metadata`` with ``storage_data`` into per-tensor chunk lists."""
     storage: dict[tuple[str, tuple[int, ...]], Any] = {}
     for idx, info in (meta.storage_data or {}).items():
@@ -260,7 +264,9 @@ def _index(meta: Any, source: Path) -> tuple[dict[str, TensorInfo], dict[str, tu
                 items[key] = (info.relative_path, int(info.offset), int(info.length))
             continue
         if not isinstance(md, dcp_metadata.TensorStorageMetadata):
-            raise CorruptCheckpointError(f"{source}: '{key}' has unknown metadata {type(md).__name__}")
+            raise CorruptCheckpointError(
+                f"{source}: '{key}' has unknown metadata {type(md).__name__}"
+            )
         chunks = []
         for c in md.chunks:
             offsets = tuple(int(o) for o in c.offsets)
@@ -270,10 +276,17 @@ def _index(meta: Any, source: Path) -> tuple[dict[str, TensorInfo], dict[str, tu
                     f"{source}: chunk of '{key}' at offsets {offsets} has no storage entry"
                 )
             chunks.append(
-                Chunk(offsets, tuple(int(s) for s in c.sizes), info.relative_path,
-                      int(info.offset), int(info.length))
+                Chunk(
+                    offsets,
+                    tuple(int(s) for s in c.sizes),
+                    info.relative_path,
+                    int(info.offset),
+                    int(info.length),
+                )
             )
-        tensors[key] = TensorInfo(key, md.properties.dtype, tuple(int(s) for s in md.size), tuple(chunks))
+        tensors[key] = TensorInfo(
+            key, md.properties.dtype, tuple(int(s) for s in md.size), tuple(chunks)
+        )
     return tensors, items
 
 

@@ -14,11 +14,12 @@ import io
 import pathlib
 import pickle
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
 
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsafePickleError
@@ -111,8 +112,15 @@ def _dcp_globals() -> dict[tuple[str, str], Any]:
     }
     out[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_filesystem._StorageInfo
     planner = "torch.distributed.checkpoint.planner"
-    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan",
-                 "ReadItem", "LoadItemType"):
+    for name in (
+        "SavePlan",
+        "WriteItem",
+        "WriteItemType",
+        "TensorWriteData",
+        "LoadPlan",
+        "ReadItem",
+        "LoadItemType",
+    ):
         if hasattr(dcp_planner, name):
             out[(planner, name)] = getattr(dcp_planner, name)
     # mcore 0.15 subclassed Metadata; older versions pickled their own save plan.

@@ -128,7 +128,9 @@ class TorchZip:
             ("torch._utils", "_rebuild_tensor"): rebuild,
         }
         stream = io.BytesIO(data)
-        return SafeUnpickler(stream, source=self.source, extra=extra, persistent_load=persistent).load()
+        return SafeUnpickler(
+            stream, source=self.source, extra=extra, persistent_load=persistent
+        ).load()
 
     def _storage_ref(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -156,7 +158,9 @@ class TorchZip:
     def load(self) -> Any:
         """Unpickle and materialise every tensor (small archives only)."""
 
-        def rebuild(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
+        def rebuild(
+            storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any
+        ) -> torch.Tensor:
             return materialise(self._f, TensorRef(storage, int(offset), tuple(size), tuple(stride)))
 
         return self._unpickle(rebuild, self._storage_ref)

@@ -5,7 +5,13 @@ use (Transformer Engine and local specs store the first; the second is the local
 name, kept for checkpoints saved without the key map).
 """
 
-from sglang_megatron_loader.models.rules import QKV, GatedMLP, Replicated, RowParallel, VocabParallel
+from sglang_megatron_loader.models.rules import (
+    QKV,
+    GatedMLP,
+    Replicated,
+    RowParallel,
+    VocabParallel,
+)
 from sglang_megatron_loader.models.table import Mapping, ModelTable
 
 LLAMA = ModelTable(
@@ -18,7 +24,11 @@ LLAMA = ModelTable(
             ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
             Replicated(),
         ),
-        Mapping("model.layers.{}.self_attn.qkv_proj.weight", ("self_attention.linear_qkv.weight",), QKV()),
+        Mapping(
+            "model.layers.{}.self_attn.qkv_proj.weight",
+            ("self_attention.linear_qkv.weight",),
+            QKV(),
+        ),
         Mapping(
             "model.layers.{}.self_attn.o_proj.weight",
             ("self_attention.linear_proj.weight",),
@@ -30,10 +40,14 @@ LLAMA = ModelTable(
             Replicated(),
         ),
         Mapping("model.layers.{}.mlp.gate_up_proj.weight", ("mlp.linear_fc1.weight",), GatedMLP()),
-        Mapping("model.layers.{}.mlp.down_proj.weight", ("mlp.linear_fc2.weight",), RowParallel("ffn")),
+        Mapping(
+            "model.layers.{}.mlp.down_proj.weight", ("mlp.linear_fc2.weight",), RowParallel("ffn")
+        ),
     ),
     global_=(
-        Mapping("model.embed_tokens.weight", ("embedding.word_embeddings.weight",), VocabParallel()),
+        Mapping(
+            "model.embed_tokens.weight", ("embedding.word_embeddings.weight",), VocabParallel()
+        ),
         Mapping("model.norm.weight", ("decoder.final_layernorm.weight",), Replicated()),
         Mapping("lm_head.weight", ("output_layer.weight",), VocabParallel(), untied_only=True),
     ),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from sglang_megatron_loader.errors import WeightMismatchError
 from sglang_megatron_loader.models.rules import Rule

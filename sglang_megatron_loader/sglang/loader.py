@@ -6,8 +6,6 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
-
 from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.configs.model_config import ModelConfig
@@ -18,6 +16,7 @@ from sglang.srt.model_loader.loader import (
     post_load_weights,
 )
 from sglang.srt.model_loader.utils import set_default_torch_dtype
+from torch import nn
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.engine import dims_for, execute_plan
@@ -83,8 +82,13 @@ class MegatronModelLoader(BaseModelLoader):
         logger.info(
             "Megatron checkpoint %s (iteration %s, %s): TP rank %d/%d, %d parameters, "
             "%.3f GB to read",
-            loc.iter_dir, loc.iteration_label, loc.format, tp.rank, tp.size,
-            len(plan.params), to_read / 1e9,
+            loc.iter_dir,
+            loc.iteration_label,
+            loc.format,
+            tp.rank,
+            tp.size,
+            len(plan.params),
+            to_read / 1e9,
         )
         show = bool(self.extra.get("progress", True)) and tp.rank == 0
         report = execute_plan(ckpt, plan, lambda p: params[p.name].data, progress=show)
@@ -94,5 +98,9 @@ class MegatronModelLoader(BaseModelLoader):
         post_load_weights(model)
         logger.info(
             "Loaded %d parameters from %s in %.2f s (%.3f GB read, %.2f GB/s)",
-            report.params, loc.iter_dir, report.seconds, report.bytes_read / 1e9, report.gbps,
+            report.params,
+            loc.iter_dir,
+            report.seconds,
+            report.bytes_read / 1e9,
+            report.gbps,
         )

@@ -3,7 +3,9 @@
 Runs in every SGLang process through the ``sglang.srt.plugins`` entry point. Only SGLang's own
 extension points are used: the load-format choice list and ``HookRegistry`` hooks on
 ``LoadConfig._verify_load_format`` (string -> loader class), ``get_config`` (a Megatron folder
-has no config.json) and ``ModelConfig.from_server_args`` (validate the path early).
+has no config.json), and the two places that resolve a config from server args (argument
+resolution in the launcher, ``ModelConfig.from_server_args`` in the scheduler), which route
+every config lookup to the Megatron reader when ``--load-format megatron`` is given.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from sglang_megatron_loader.errors import MegatronLoaderError
 logger = logging.getLogger("sglang_megatron_loader")
 
 LOAD_FORMAT = "megatron"
-_FORCE_MEGATRON: contextvars.ContextVar[bool] = contextvars.ContextVar("force_megatron", default=False)
+_FORCE_MEGATRON: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "force_megatron", default=False
+)
 
 
 def _verify_load_format(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -40,7 +44,10 @@ def _get_config(original: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
     return _user_facing(hf_config_for, str(model), dict(overrides or {}))
 
 
-def _from_server_args(original: Any, server_args: Any, *args: Any, **kwargs: Any) -> Any:
+def _with_server_args(original: Any, server_args: Any, *args: Any, **kwargs: Any) -> Any:
+    """Around anything that reads the model config for ``server_args``: with ``--load-format
+    megatron`` every config lookup inside goes to the Megatron reader (even for a folder that
+    does not look like a checkpoint, so the user gets our error, not "Unrecognized model")."""
     if str(getattr(server_args, "load_format", "")).lower() != LOAD_FORMAT:
         return original(server_args, *args, **kwargs)
     token = _FORCE_MEGATRON.set(True)
@@ -69,7 +76,8 @@ def register() -> None:
     hooks = {
         "sglang.srt.configs.load_config.LoadConfig._verify_load_format": _verify_load_format,
         "sglang.srt.utils.hf_transformers.config.get_config": _get_config,
-        "sglang.srt.configs.model_config.ModelConfig.from_server_args": _from_server_args,
+        "sglang.srt.arg_groups.pipeline.run_resolution_pipeline": _with_server_args,
+        "sglang.srt.configs.model_config.ModelConfig.from_server_args": _with_server_args,
     }
     for target, hook in hooks.items():
         HookRegistry.register(target, hook, HookType.AROUND)

@@ -23,9 +23,14 @@ def test_config_fields_come_from_args(stored_args) -> None:
     c = llama_config_from_args(a, source="x")
     assert c.architectures == ["LlamaForCausalLM"]
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (
-        a.num_layers, a.hidden_size, a.ffn_hidden_size)
+        a.num_layers,
+        a.hidden_size,
+        a.ffn_hidden_size,
+    )
     assert (c.num_attention_heads, c.num_key_value_heads) == (
-        a.num_attention_heads, a.num_query_groups)
+        a.num_attention_heads,
+        a.num_query_groups,
+    )
     assert c.head_dim == (a.kv_channels or a.hidden_size // a.num_attention_heads)
     assert c.rms_norm_eps == a.norm_epsilon
     assert c.max_position_embeddings == a.max_position_embeddings
@@ -53,10 +58,20 @@ def test_group_query_attention_off_means_mha(stored_args) -> None:
 
 def test_every_unsupported_feature_is_listed_in_one_error(stored_args) -> None:
     a = copy.copy(stored_args)
-    a.num_experts, a.qk_layernorm, a.normalization, a.rotary_interleaved = 8, True, "LayerNorm", True
+    a.num_experts, a.qk_layernorm, a.normalization, a.rotary_interleaved = (
+        8,
+        True,
+        "LayerNorm",
+        True,
+    )
     with pytest.raises(UnsupportedCheckpointError) as err:
         llama_config_from_args(a, source="ckpt/iter_0000010")
     msg = str(err.value)
-    for part in ("num_experts=8", "qk_layernorm=True", "normalization='LayerNorm'",
-                 "rotary_interleaved=True", "ckpt/iter_0000010"):
+    for part in (
+        "num_experts=8",
+        "qk_layernorm=True",
+        "normalization='LayerNorm'",
+        "rotary_interleaved=True",
+        "ckpt/iter_0000010",
+    ):
         assert part in msg

@@ -30,7 +30,10 @@ def megatron_tensors(d: ModelDims) -> dict[str, torch.Tensor]:
         "embedding.word_embeddings.weight": (d.padded_vocab_size, h),
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (_L, h),
         "decoder.layers.self_attention.linear_qkv.weight": (
-            _L, (d.num_heads + 2 * d.num_kv_heads) * hd, h),
+            _L,
+            (d.num_heads + 2 * d.num_kv_heads) * hd,
+            h,
+        ),
         "decoder.layers.self_attention.linear_proj.weight": (_L, h, d.num_heads * hd),
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (_L, h),
         "decoder.layers.mlp.linear_fc1.weight": (_L, 2 * d.ffn_hidden_size, h),
@@ -52,8 +55,10 @@ def megatron_tensors(d: ModelDims) -> dict[str, torch.Tensor]:
 def hf_full(d: ModelDims, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Independent reference: Megatron -> HF names, unsharded (the classic converter math)."""
     qpg, hd = d.num_heads // d.num_kv_heads, d.head_dim
-    out = {"model.embed_tokens.weight": t["embedding.word_embeddings.weight"][: d.vocab_size],
-           "model.norm.weight": t["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": t["embedding.word_embeddings.weight"][: d.vocab_size],
+        "model.norm.weight": t["decoder.final_layernorm.weight"],
+    }
     if not d.tied_embeddings:
         out["lm_head.weight"] = t["output_layer.weight"][: d.vocab_size]
     for i in range(_L):
@@ -65,12 +70,16 @@ def hf_full(d: ModelDims, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         out[p + "self_attn.v_proj.weight"] = grouped[:, qpg + 1].reshape(-1, d.hidden_size)
         gate, up = t["decoder.layers.mlp.linear_fc1.weight"][i].chunk(2)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "self_attn.o_proj.weight"] = t["decoder.layers.self_attention.linear_proj.weight"][i]
+        out[p + "self_attn.o_proj.weight"] = t["decoder.layers.self_attention.linear_proj.weight"][
+            i
+        ]
         out[p + "mlp.down_proj.weight"] = t["decoder.layers.mlp.linear_fc2.weight"][i]
-        out[p + "input_layernorm.weight"] = (
-            t["decoder.layers.self_attention.linear_qkv.layer_norm_weight"][i])
-        out[p + "post_attention_layernorm.weight"] = (
-            t["decoder.layers.mlp.linear_fc1.layer_norm_weight"][i])
+        out[p + "input_layernorm.weight"] = t[
+            "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+        ][i]
+        out[p + "post_attention_layernorm.weight"] = t[
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+        ][i]
     return out
 
 
@@ -84,8 +93,15 @@ def sglang_shard(d: ModelDims, hf: dict[str, torch.Tensor], tp: Tp) -> dict[str,
 
     out = {}
     for name, x in hf.items():
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                          "gate_proj.weight", "up_proj.weight")):
+        if name.endswith(
+            (
+                "q_proj.weight",
+                "k_proj.weight",
+                "v_proj.weight",
+                "gate_proj.weight",
+                "up_proj.weight",
+            )
+        ):
             continue
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             out[name] = rows(x.T, n, r).T
@@ -109,7 +125,8 @@ def sglang_shard(d: ModelDims, hf: dict[str, torch.Tensor], tp: Tp) -> dict[str,
         v = rows(hf[p + "self_attn.v_proj.weight"], kv_n, kv_rank)
         out[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
         out[p + "mlp.gate_up_proj.weight"] = torch.cat(
-            [rows(hf[p + "mlp.gate_proj.weight"], n, r), rows(hf[p + "mlp.up_proj.weight"], n, r)])
+            [rows(hf[p + "mlp.gate_proj.weight"], n, r), rows(hf[p + "mlp.up_proj.weight"], n, r)]
+        )
     assert hd  # keeps the reference explicit about head_dim usage
     return out
 
@@ -128,8 +145,9 @@ def run_plan(d: ModelDims, t: dict[str, torch.Tensor], tp: Tp) -> dict[str, torc
     return out
 
 
-def dims(heads: int, groups: int, hd: int, ffn: int, vocab: int, padded: int,
-         tied: bool = False) -> ModelDims:
+def dims(
+    heads: int, groups: int, hd: int, ffn: int, vocab: int, padded: int, tied: bool = False
+) -> ModelDims:
     return ModelDims(_L, heads * hd, ffn, heads, groups, hd, padded, vocab, tied)
 
 
@@ -218,5 +236,6 @@ def test_table_rejects_a_key_mapped_twice() -> None:
 
     m = LLAMA.per_layer[0]
     with pytest.raises(ValueError, match="named twice"):
-        ModelTable("bad", "X", "decoder.layers.", (m, Mapping("other.{}", m.sources, m.rule)),
-                   (), ())
+        ModelTable(
+            "bad", "X", "decoder.layers.", (m, Mapping("other.{}", m.sources, m.rule)), (), ()
+        )

@@ -77,12 +77,21 @@ def test_run_root_iter_dir_and_release_all_resolve(ckpt_copy) -> None:
 @pytest.mark.parametrize(
     ("damage", "error", "match"),
     [
-        (lambda r: (r / "iter_0000010" / "metadata.json").unlink(),
-         IncompleteCheckpointError, "no metadata.json.*save is incomplete"),
-        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("20"),
-         CheckpointNotFoundError, "names iteration '20' but .*iter_0000020 does not exist"),
-        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("banana"),
-         CorruptCheckpointError, "expected an iteration number or 'release', found 'banana'"),
+        (
+            lambda r: (r / "iter_0000010" / "metadata.json").unlink(),
+            IncompleteCheckpointError,
+            "no metadata.json.*save is incomplete",
+        ),
+        (
+            lambda r: (r / "latest_checkpointed_iteration.txt").write_text("20"),
+            CheckpointNotFoundError,
+            "names iteration '20' but .*iter_0000020 does not exist",
+        ),
+        (
+            lambda r: (r / "latest_checkpointed_iteration.txt").write_text("banana"),
+            CorruptCheckpointError,
+            "expected an iteration number or 'release', found 'banana'",
+        ),
     ],
 )
 def test_broken_layouts_get_clear_errors(ckpt_copy, damage: Callable, error, match: str) -> None:
@@ -114,7 +123,9 @@ def test_hostile_metadata_pickle_is_refused_and_never_runs(ckpt_copy, tmp_path: 
     root = ckpt_copy("fp32_tp1")
     marker = tmp_path / "pwned"
     (root / "iter_0000010" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
-    with pytest.raises(UnsafePickleError, match=r"\.metadata: refusing to unpickle global 'pathlib"):
+    with pytest.raises(
+        UnsafePickleError, match=r"\.metadata: refusing to unpickle global 'pathlib"
+    ):
         MegatronCheckpoint(root)
     assert not marker.exists()
 
