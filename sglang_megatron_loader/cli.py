@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sglang_megatron_loader.errors import MegatronLoaderError
 
@@ -53,6 +54,52 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+    from sglang_megatron_loader.export.stream import HfStream
+    from sglang_megatron_loader.export.writers import export_hf, export_pytorch, report_line
+
+    overrides = json.loads(ns.override) if ns.override else None
+    with MegatronCheckpoint(ns.checkpoint) as ckpt:
+        stream = HfStream(ckpt, overrides)
+        if ns.format == "hf":
+            report = export_hf(
+                stream,
+                ns.out,
+                shard_bytes=int(ns.shard_size * 1e9),
+                tokenizer=ns.tokenizer,
+                force=ns.force,
+            )
+        else:
+            report = export_pytorch(stream, ns.out, force=ns.force)
+    print(report_line(report))
+    return 0
+
+
+def _cmd_verify(ns: argparse.Namespace) -> int:
+    from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+    from sglang_megatron_loader.export.stream import HfStream
+    from sglang_megatron_loader.export.verify import verify
+
+    with MegatronCheckpoint(ns.checkpoint) as ckpt:
+        checks, tol = verify(HfStream(ckpt), reference=ns.reference)
+    against = (
+        f"recorded Megatron logits ({ns.reference})"
+        if ns.reference
+        else ("an independent forward over the SGLang-layout weights")
+    )
+    print(f"transformers Llama on the checkpoint vs {against}; tolerance {tol:g}")
+    for c in checks:
+        status = "PASS" if c.max_abs_diff <= tol else "FAIL"
+        print(
+            f"  {status} prompt of {len(c.prompt)} tokens: max |logit diff| "
+            f"{c.max_abs_diff:.3g}, same argmax: {c.argmax_equal}"
+        )
+    ok = all(c.max_abs_diff <= tol for c in checks)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglang-megatron",
@@ -66,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-plan", action="store_true", help="print every parameter's reads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="write a Hugging Face folder or a plain PyTorch .pt")
+    p.add_argument("checkpoint", help="Megatron run root or iter_* folder")
+    p.add_argument("out", type=Path, help="output folder (hf) or file (pytorch)")
+    p.add_argument("--format", choices=("hf", "pytorch"), default="hf")
+    p.add_argument("--shard-size", type=float, default=5.0, help="GB per safetensors shard")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy (hf format)")
+    p.add_argument("--override", help="JSON config overrides, e.g. '{\"vocab_size\": 128256}'")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="reference logits check on CPU (no megatron needed)")
+    p.add_argument("checkpoint", help="Megatron run root or iter_* folder")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="recorded Megatron outputs (.pt with 'prompts' and 'last_logits')",
+    )
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -5,6 +5,7 @@ use (Transformer Engine and local specs store the first; the second is the local
 name, kept for checkpoints saved without the key map).
 """
 
+from sglang_megatron_loader.config import ModelDims
 from sglang_megatron_loader.models.rules import (
     QKV,
     GatedMLP,
@@ -62,3 +63,25 @@ LLAMA = ModelTable(
         r"^common_state/",
     ),
 )
+
+
+def hf_parts(name: str, dims: ModelDims) -> tuple[tuple[str, int], ...]:
+    """SGLang parameter -> its Hugging Face tensors as ``(hf_name, rows)`` in row order.
+
+    Undoes SGLang's ``stacked_params_mapping`` (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and
+    drops SGLang's vocab padding rows, so exports hold exactly ``vocab_size`` rows.
+    """
+    qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
+    if name.endswith(qkv):
+        base, kv = name.removesuffix(qkv), dims.num_kv_heads * dims.head_dim
+        return (
+            (base + "self_attn.q_proj.weight", dims.num_heads * dims.head_dim),
+            (base + "self_attn.k_proj.weight", kv),
+            (base + "self_attn.v_proj.weight", kv),
+        )
+    if name.endswith(gate_up):
+        base, f = name.removesuffix(gate_up), dims.ffn_hidden_size
+        return ((base + "mlp.gate_proj.weight", f), (base + "mlp.up_proj.weight", f))
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return ((name, dims.vocab_size),)
+    return ((name, -1),)  # -1: all rows

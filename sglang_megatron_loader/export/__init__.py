@@ -1,0 +1,1 @@
+"""Exporters (HF safetensors folder, plain PyTorch ``.pt``): clients of the reader and planner."""

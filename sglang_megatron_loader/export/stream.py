@@ -1,0 +1,79 @@
+"""Stream a checkpoint as Hugging Face-named tensors, one parameter at a time.
+
+Uses the same TP=1 rank plan as the loader, then splits SGLang's fused parameters back into HF
+names. Host memory holds one parameter at a time (the largest is the embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.config import ModelDims, llama_config_from_args
+from sglang_megatron_loader.engine import dims_for
+from sglang_megatron_loader.models.llama import LLAMA, hf_parts
+from sglang_megatron_loader.models.rules import Tp
+from sglang_megatron_loader.planner import ParamPlan, RankPlan, plan_rank
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One exported tensor: HF name, shape, dtype, and where it comes from."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source: str  # SGLang parameter name whose plan produces it
+    row_start: int
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class HfStream:
+    """HF tensors of one checkpoint: specs up front (no data), then data on demand."""
+
+    def __init__(self, ckpt: MegatronCheckpoint, overrides: dict[str, Any] | None = None) -> None:
+        self.ckpt = ckpt
+        self.config = llama_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
+        self.dims: ModelDims = dims_for(ckpt, self.config)
+        self.plan: RankPlan = plan_rank(LLAMA, self.dims, ckpt.tensors, Tp(0, 1))
+        self.specs: list[TensorSpec] = [s for p in self.plan.params for s in self._specs(p)]
+
+    def _dtype(self, p: ParamPlan) -> torch.dtype:
+        return self.ckpt.tensors[p.reads[0].key].dtype  # stored dtype, no silent cast
+
+    def _specs(self, p: ParamPlan) -> list[TensorSpec]:
+        out, row = [], 0
+        for name, rows in hf_parts(p.name, self.dims):
+            n = p.shape[0] if rows < 0 else rows
+            out.append(TensorSpec(name, (n, *p.shape[1:]), self._dtype(p), p.name, row))
+            row += n
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def tensors(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """Yield ``(spec, tensor)`` in spec order; each parameter is read once."""
+        by_source: dict[str, list[TensorSpec]] = {}
+        for s in self.specs:
+            by_source.setdefault(s.source, []).append(s)
+        for p in self.plan.params:
+            full = torch.empty(p.shape, dtype=self._dtype(p))
+            for r in p.reads:
+                rows = full[r.dst[0] : r.dst[1]]
+                rows.copy_(self.ckpt.dcp.read_slice(r.key, r.region).reshape(rows.shape))
+            if p.zero_rows:
+                full[p.zero_rows[0] : p.zero_rows[1]].zero_()
+            for s in by_source[p.name]:
+                yield s, full[s.row_start : s.row_start + s.shape[0]]
