@@ -71,36 +71,45 @@ class MegatronModelLoader(BaseModelLoader):
         return model.eval()
 
     def load_weights_into(self, model: nn.Module, ckpt: MegatronCheckpoint, dims: Any) -> None:
-        """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``."""
-        tp = current_tp()
-        params = dict(model.named_parameters())
-        plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
-        loc = ckpt.location
-        to_read = sum(
-            r.numel() * ckpt.tensors[r.key].dtype.itemsize for p in plan.params for r in p.reads
-        )
-        logger.info(
-            "Megatron checkpoint %s (iteration %s, %s): TP rank %d/%d, %d parameters, "
-            "%.3f GB to read",
-            loc.iter_dir,
-            loc.iteration_label,
-            loc.format,
-            tp.rank,
-            tp.size,
-            len(plan.params),
-            to_read / 1e9,
-        )
-        show = bool(self.extra.get("progress", True)) and tp.rank == 0
-        report = execute_plan(ckpt, plan, lambda p: params[p.name].data, progress=show)
-        filled = {p.name for p in plan.params}
-        if filled != set(params):
-            raise WeightMismatchError(f"parameters not filled: {sorted(set(params) - filled)}")
-        post_load_weights(model)
-        logger.info(
-            "Loaded %d parameters from %s in %.2f s (%.3f GB read, %.2f GB/s)",
-            report.params,
-            loc.iter_dir,
-            report.seconds,
-            report.bytes_read / 1e9,
-            report.gbps,
-        )
+        load_weights_into(model, ckpt, dims, progress=bool(self.extra.get("progress", True)))
+
+
+def load_weights_into(
+    model: nn.Module, ckpt: MegatronCheckpoint, dims: Any, *, progress: bool = True
+) -> None:
+    """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``.
+
+    Every read is planned (and every shape checked) before the first byte is copied.
+    """
+    tp = current_tp()
+    params = dict(model.named_parameters())
+    plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
+    loc = ckpt.location
+    to_read = sum(
+        r.numel() * ckpt.tensors[r.key].dtype.itemsize for p in plan.params for r in p.reads
+    )
+    logger.info(
+        "Megatron checkpoint %s (iteration %s, %s): TP rank %d/%d, %d parameters, %.3f GB to read",
+        loc.iter_dir,
+        loc.iteration_label,
+        loc.format,
+        tp.rank,
+        tp.size,
+        len(plan.params),
+        to_read / 1e9,
+    )
+    report = execute_plan(
+        ckpt, plan, lambda p: params[p.name].data, progress=progress and tp.rank == 0
+    )
+    filled = {p.name for p in plan.params}
+    if filled != set(params):
+        raise WeightMismatchError(f"parameters not filled: {sorted(set(params) - filled)}")
+    post_load_weights(model)
+    logger.info(
+        "Loaded %d parameters from %s in %.2f s (%.3f GB read, %.2f GB/s)",
+        report.params,
+        loc.iter_dir,
+        report.seconds,
+        report.bytes_read / 1e9,
+        report.gbps,
+    )

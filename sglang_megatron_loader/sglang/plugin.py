@@ -5,7 +5,8 @@ extension points are used: the load-format choice list and ``HookRegistry`` hook
 ``LoadConfig._verify_load_format`` (string -> loader class), ``get_config`` (a Megatron folder
 has no config.json), and the two places that resolve a config from server args (argument
 resolution in the launcher, ``ModelConfig.from_server_args`` in the scheduler), which route
-every config lookup to the Megatron reader when ``--load-format megatron`` is given.
+every config lookup to the Megatron reader when ``--load-format megatron`` is given, and
+``WeightUpdater.update_weights_from_disk`` for hot reload (see ``reload.py``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def register() -> None:
 
     if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
         add_load_format_choices([LOAD_FORMAT])
+    from sglang_megatron_loader.sglang.reload import update_weights_from_disk
+
+    updater = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
     hooks = {
+        f"{updater}.update_weights_from_disk": update_weights_from_disk,
         "sglang.srt.configs.load_config.LoadConfig._verify_load_format": _verify_load_format,
         "sglang.srt.utils.hf_transformers.config.get_config": _get_config,
         "sglang.srt.arg_groups.pipeline.run_resolution_pipeline": _with_server_args,

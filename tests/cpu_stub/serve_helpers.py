@@ -274,8 +274,22 @@ def generate(
     if return_logprob:
         body["return_logprob"] = True
         body["top_logprobs_num"] = top_logprobs_num
+    return post(port, "/generate", body, host=host, timeout=timeout)
+
+
+def post(
+    port: int,
+    path: str,
+    body: dict,
+    *,
+    host: str = HOST,
+    timeout: float = 120.0,
+    ok_codes: tuple[int, ...] = (200,),
+) -> dict:
+    """POST JSON to ``path`` and return the decoded answer (error bodies too, if in
+    ``ok_codes``; otherwise RuntimeError with the body)."""
     req = urllib.request.Request(
-        f"http://{host}:{port}/generate",
+        f"http://{host}:{port}{path}",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
@@ -284,4 +298,7 @@ def generate(
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"/generate returned HTTP {e.code}: {e.read()[:2000]!r}") from e
+        payload = e.read()
+        if e.code in ok_codes:
+            return json.loads(payload)
+        raise RuntimeError(f"{path} returned HTTP {e.code}: {payload[:2000]!r}") from e
