@@ -122,3 +122,13 @@ def _detect_format(d: Path) -> tuple[str, dict]:
     raise CheckpointNotFoundError(
         f"{d}: no metadata.json, .metadata or mp_rank_* inside; not a Megatron checkpoint"
     )
+
+
+def find_tokenizer(location: CheckpointLocation, tokenizer_model: object = None) -> Path | None:
+    """A tokenizer folder that belongs to the checkpoint: ``tokenizer/`` in the iteration folder
+    or the run root (newest Megatron-LM saves one), else ``args.tokenizer_model`` when it names
+    a local folder. None when there is none."""
+    candidates = [location.iter_dir / "tokenizer", location.path / "tokenizer"]
+    if isinstance(tokenizer_model, str) and tokenizer_model:
+        candidates.append(Path(tokenizer_model).expanduser())
+    return next((c for c in candidates if c.is_dir()), None)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sglang_megatron_loader.checkpoint.locate import find_tokenizer
 from sglang_megatron_loader.checkpoint.torchzip import TorchZip
 from sglang_megatron_loader.errors import MegatronLoaderError
 from sglang_megatron_loader.export.stream import HfStream, TensorSpec
@@ -147,25 +148,18 @@ def _write_configs(stream: HfStream, folder: Path) -> None:
 
 
 def _copy_tokenizer(stream: HfStream, folder: Path, given: Path | None) -> str | None:
-    """The given tokenizer folder, else a ``tokenizer/`` saved with the checkpoint, else
-    ``args.tokenizer_model`` when it is a local folder; None when none is found."""
-    loc = stream.ckpt.location
-    model = getattr(stream.ckpt.args, "tokenizer_model", None)
-    candidates = [
-        given,
-        loc.iter_dir / "tokenizer",
-        loc.path / "tokenizer",
-        Path(model) if isinstance(model, str) else None,
-    ]
-    for cand in candidates:
-        if cand is not None and cand.is_dir():
-            for f in cand.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, folder / f.name)
-            return str(cand)
-    if given is not None:
+    """Copy the given tokenizer folder, else the checkpoint's own (see ``find_tokenizer``)."""
+    if given is not None and not given.is_dir():
         raise ExportError(f"--tokenizer {given}: not a folder")
-    return None
+    source = given or find_tokenizer(
+        stream.ckpt.location, getattr(stream.ckpt.args, "tokenizer_model", None)
+    )
+    if source is None:
+        return None
+    for f in source.iterdir():
+        if f.is_file():
+            shutil.copy2(f, folder / f.name)
+    return str(source)
 
 
 def export_pytorch(

@@ -15,7 +15,7 @@ import contextvars
 import logging
 from typing import Any
 
-from sglang_megatron_loader.errors import MegatronLoaderError
+from sglang_megatron_loader.errors import CheckpointNotFoundError, MegatronLoaderError
 
 logger = logging.getLogger("sglang_megatron_loader")
 
@@ -58,6 +58,40 @@ def _with_server_args(original: Any, server_args: Any, *args: Any, **kwargs: Any
         _FORCE_MEGATRON.reset(token)
 
 
+def _resolve_tokenizer(server_args: Any, previous: Any) -> None:
+    """Resolution step ``handle_missing_default_values``: when the tokenizer defaulted to the
+    model path of a Megatron checkpoint (which holds no tokenizer files at its root), use the
+    checkpoint's own tokenizer folder, or stop with the flag to add."""
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    previous(server_args)
+    cfg = resolving_view(server_args)
+    if str(cfg.load_format).lower() != LOAD_FORMAT or cfg.skip_tokenizer_init:
+        return
+    if cfg.tokenizer_path != cfg.model_path:
+        return  # --tokenizer-path wins
+    found = _user_facing(_checkpoint_tokenizer, str(cfg.model_path))
+    if found is None:
+        message = (
+            f"{cfg.model_path}: no tokenizer found with the Megatron checkpoint (no tokenizer/ "
+            "folder, and args.tokenizer_model is not a local folder). Add --tokenizer-path "
+            "<HF tokenizer folder>, or --skip-tokenizer-init and send input_ids."
+        )
+        logger.error("sglang-megatron-loader: %s", message)
+        raise CheckpointNotFoundError(message)
+    logger.info("Using the checkpoint's tokenizer %s", found)
+    declare_resolution(server_args, "sglang_megatron_loader", tokenizer_path=str(found))
+
+
+def _checkpoint_tokenizer(model_path: str) -> Any:
+    from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+    from sglang_megatron_loader.checkpoint.locate import find_tokenizer
+
+    with MegatronCheckpoint(model_path) as ckpt:
+        return find_tokenizer(ckpt.location, getattr(ckpt.args, "tokenizer_model", None))
+
+
 def _user_facing(fn: Any, *args: Any) -> Any:
     """Log our errors as one clear line before they propagate through SGLang."""
     try:
@@ -67,13 +101,22 @@ def _user_facing(fn: Any, *args: Any) -> Any:
         raise
 
 
+_registered = False
+
+
 def register() -> None:
-    """Entry point of the ``sglang.srt.plugins`` group."""
+    """Entry point of the ``sglang.srt.plugins`` group (idempotent)."""
     from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES, add_load_format_choices
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    global _registered
+    if _registered:
+        return
+    _registered = True
     if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
         add_load_format_choices([LOAD_FORMAT])
+    register_resolution_hook("handle_missing_default_values")(_resolve_tokenizer)
     from sglang_megatron_loader.sglang.reload import update_weights_from_disk
 
     updater = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"

@@ -91,6 +91,7 @@ def cpu_server_args(
     max_total_tokens: int = 4096,
     max_running_requests: int = 8,
     extra_args: Iterable[str] = (),
+    skip_tokenizer_init: bool = True,
 ) -> list[str]:
     """argv after ``python -m sglang.launch_server``.
 
@@ -101,7 +102,7 @@ def cpu_server_args(
     return [
         "--model-path",
         str(model_path),
-        "--skip-tokenizer-init",
+        *(["--skip-tokenizer-init"] if skip_tokenizer_init else []),
         "--device",
         "cpu",
         "--attention-backend",
@@ -150,6 +151,8 @@ def start_server(
     timeout: float = 240.0,
     python: str = sys.executable,
     cwd: str | os.PathLike | None = None,
+    launcher: Sequence[str] | None = None,
+    skip_tokenizer_init: bool = True,
 ) -> subprocess.Popen:
     """Start ``python -m sglang.launch_server`` and wait until ``/health`` is 200.
 
@@ -174,11 +177,12 @@ def start_server(
     env.update(cpu_server_env())
     if extra_env:
         env.update(extra_env)
+    # launcher: the argv before the server options; default ``python -m sglang.launch_server``
+    # (``[".venv/bin/sglang", "serve"]`` runs SGLang's other entry point)
     cmd = [
-        python,
-        "-m",
-        "sglang.launch_server",
-        *cpu_server_args(model_path, port, dtype, extra_args=extra_args),
+        *(launcher or (python, "-m", "sglang.launch_server")),
+        *cpu_server_args(model_path, port, dtype, extra_args=extra_args,
+                         skip_tokenizer_init=skip_tokenizer_init),
     ]
     with open(log_path, "wb") as log_f:  # the child keeps its own descriptor
         proc = subprocess.Popen(
