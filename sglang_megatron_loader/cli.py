@@ -12,45 +12,15 @@ from sglang_megatron_loader.errors import MegatronLoaderError
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:
-    from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-    from sglang_megatron_loader.config import llama_config_from_args, unsupported_args
-    from sglang_megatron_loader.engine import dims_for
-    from sglang_megatron_loader.models.llama import LLAMA
-    from sglang_megatron_loader.models.rules import Tp
-    from sglang_megatron_loader.planner import plan_rank
+    from sglang_megatron_loader.inspect_ckpt import format_text, inspect
 
-    with MegatronCheckpoint(ns.checkpoint) as ckpt:
-        model_keys = [k for k in ckpt.tensors if not LLAMA.is_ignored(k)]
-        info = {
-            "iter_dir": str(ckpt.location.iter_dir),
-            "iteration": ckpt.location.iteration_label,
-            "format": ckpt.location.format,
-            "model_bytes": sum(ckpt.tensors[k].nbytes for k in model_keys),
-            "other_bytes": sum(t.nbytes for k, t in ckpt.tensors.items() if k not in model_keys),
-            "unsupported": unsupported_args(ckpt.args),
-        }
-        plan = None
-        if not info["unsupported"]:
-            config = llama_config_from_args(ckpt.args, source=ckpt.source)
-            info["config"] = config.to_diff_dict()
-            if ns.tp:
-                dims = dims_for(ckpt, config)
-                plan = [plan_rank(LLAMA, dims, ckpt.tensors, Tp(r, ns.tp)) for r in range(ns.tp)]
-                info["bytes_per_rank"] = [
-                    sum(
-                        r.numel() * ckpt.tensors[r.key].dtype.itemsize
-                        for p in rp.params
-                        for r in p.reads
-                    )
-                    for rp in plan
-                ]
+    info, plans = inspect(ns.checkpoint, ns.tp)
     if ns.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        for key, value in info.items():
-            print(f"{key}: {value}")
-        if plan and ns.show_plan:
-            print("\n\n".join(str(p) for p in plan))
+        print(format_text(info))
+        if plans and ns.show_plan:
+            print("\n\n".join(str(p) for p in plans))
     return 0
 
 

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from sglang_megatron_loader.config import ModelDims
 from sglang_megatron_loader.errors import WeightMismatchError
 from sglang_megatron_loader.models.rules import Region, Tp
 from sglang_megatron_loader.models.table import HasShape, ModelTable
+
+
+class HasDtype(Protocol):
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,10 @@ class RankPlan:
 
     def elements_to_read(self) -> int:
         return sum(r.numel() for p in self.params for r in p.reads)
+
+    def bytes_to_read(self, tensors: dict[str, HasDtype]) -> int:
+        """Bytes this rank reads from the checkpoint (each read once, at its stored dtype)."""
+        return sum(r.numel() * tensors[r.key].dtype.itemsize for p in self.params for r in p.reads)
 
     def keys(self) -> set[str]:
         return {r.key for p in self.params for r in p.reads}

@@ -85,9 +85,7 @@ def load_weights_into(
     params = dict(model.named_parameters())
     plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
     loc = ckpt.location
-    to_read = sum(
-        r.numel() * ckpt.tensors[r.key].dtype.itemsize for p in plan.params for r in p.reads
-    )
+    to_read = plan.bytes_to_read(ckpt.tensors)
     logger.info(
         "Megatron checkpoint %s (iteration %s, %s): TP rank %d/%d, %d parameters, %.3f GB to read",
         loc.iter_dir,

@@ -1,0 +1,121 @@
+"""``sglang-megatron inspect``: what a checkpoint holds and what serving it would do.
+
+Metadata only: ``.metadata``, ``metadata.json`` and the (small) common state; no tensor data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.config import llama_config_from_args, unsupported_args
+from sglang_megatron_loader.engine import dims_for
+from sglang_megatron_loader.errors import MegatronLoaderError
+from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models.rules import Tp
+from sglang_megatron_loader.planner import RankPlan, plan_rank
+
+TRAINING_LAYOUT_ARGS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage",
+    "expert_model_parallel_size",
+    "context_parallel_size",
+    "use_distributed_optimizer",
+)
+
+
+def writer_version(ckpt: MegatronCheckpoint) -> str:
+    """Which megatron-core generation wrote the checkpoint, from its on-disk layout."""
+    if (ckpt.location.iter_dir / "common.pt").is_file():
+        return "megatron-core <= 0.18 (common.pt)"
+    if "common_backend" in ckpt.location.metadata_json:
+        return "megatron-core <= 0.18"
+    return "megatron-core >= 0.19 (common state inside the DCP)"
+
+
+def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
+    """The report as a JSON-able dict, and the per-rank plans when ``tp`` is given."""
+    with MegatronCheckpoint(path) as ckpt:
+        model_keys = [k for k in ckpt.tensors if not LLAMA.is_ignored(k)]
+        other = [k for k in ckpt.tensors if k not in model_keys]
+        args = ckpt.args
+        info: dict[str, Any] = {
+            "checkpoint": str(ckpt.location.iter_dir),
+            "iteration": ckpt.location.iteration_label,
+            "format": ckpt.location.format,
+            "writer": writer_version(ckpt),
+            "training_layout": {k: getattr(args, k, None) for k in TRAINING_LAYOUT_ARGS},
+            "parameters": sum(_numel(ckpt.tensors[k].shape) for k in model_keys),
+            "model_bytes": sum(ckpt.tensors[k].nbytes for k in model_keys),
+            "optimizer_and_other_bytes": sum(ckpt.tensors[k].nbytes for k in other),
+            "files_bytes": sum(ckpt.dcp.file_sizes().values()),
+            "dtypes": dict(
+                Counter(str(ckpt.tensors[k].dtype).removeprefix("torch.") for k in model_keys)
+            ),
+            "refused": unsupported_args(args),
+        }
+        plans: list[RankPlan] = []
+        if info["refused"]:
+            return info, plans
+        config = llama_config_from_args(args, source=ckpt.source)
+        info["config"] = config.to_diff_dict()
+        if tp:
+            try:
+                dims = dims_for(ckpt, config)
+                plans = [plan_rank(LLAMA, dims, ckpt.tensors, Tp(r, tp)) for r in range(tp)]
+                info["bytes_per_rank"] = [p.bytes_to_read(ckpt.tensors) for p in plans]
+            except MegatronLoaderError as exc:
+                info["tp_error"] = str(exc)
+    return info, plans
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def format_text(info: dict[str, Any]) -> str:
+    lines = [
+        f"checkpoint   {info['checkpoint']}",
+        f"iteration    {info['iteration']}",
+        f"format       {info['format']}, written by {info['writer']}",
+        "training     "
+        + ", ".join(f"{k}={v}" for k, v in info["training_layout"].items() if v is not None),
+        f"parameters   {info['parameters']:,}",
+        f"model bytes  {human(info['model_bytes'])} ({info['dtypes']})",
+        f"other bytes  {human(info['optimizer_and_other_bytes'])} "
+        "(optimizer and other state, never read)",
+        f"on disk      {human(info['files_bytes'])}",
+    ]
+    if info["refused"]:
+        lines.append("REFUSED      " + "; ".join(info["refused"]))
+    if "config" in info:
+        c = info["config"]
+        lines.append(
+            f"config       {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, ffn "
+            f"{c['intermediate_size']}, heads {c['num_attention_heads']} (kv "
+            f"{c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}, "
+            f"tied {c.get('tie_word_embeddings', True)}, dtype {c.get('dtype')}"
+        )
+    if "bytes_per_rank" in info:
+        per = info["bytes_per_rank"]
+        lines.append(
+            f"TP={len(per)} plan  bytes per rank: "
+            + ", ".join(human(b) for b in per)
+            + f" (model {human(info['model_bytes'])})"
+        )
+    if "tp_error" in info:
+        lines.append(f"TP plan      cannot serve: {info['tp_error']}")
+    return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
