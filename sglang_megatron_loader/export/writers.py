@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sglang_megatron_loader.checkpoint.locate import find_tokenizer
@@ -97,16 +96,13 @@ def shard_plan(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpe
     return shards
 
 
-def export_hf(
-    stream: HfStream,
-    out: Path,
-    *,
-    shard_bytes: int = 5 * 10**9,
-    tokenizer: Path | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Write a Hugging Face Llama folder; returns a small report (bytes, seconds, shards)."""
+def export_hf(stream: HfStream, out: Path, *, shard_bytes: int = 5 * 10**9,
+              tokenizer: Path | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Write a Hugging Face Llama folder; returns a small report (bytes, seconds, shards).
+
+    Each shard's safetensors header is written first (all shapes are known from the plan),
+    then each tensor's bytes as the stream produces them: memory holds one parameter at most.
+    """
     shards = shard_plan(stream.specs, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     meta, start = provenance(stream), time.perf_counter()
@@ -117,27 +113,49 @@ def export_hf(
         tensors = stream.tensors()
         weight_map: dict[str, str] = {}
         for shard, file in zip(shards, names):
-            batch = {}
-            for spec in shard:
-                got, tensor = next(tensors)
-                assert got == spec  # same order by construction
-                batch[spec.name] = tensor.contiguous()
-                weight_map[spec.name] = file
-                bar.update(spec.nbytes)
-            save_file(batch, str(tmp / file), metadata=meta)
-            del batch
+            with open(tmp / file, "wb") as f:
+                f.write(safetensors_header(shard, meta))
+                for spec in shard:
+                    got, tensor = next(tensors)
+                    if got != spec:  # same order by construction
+                        raise ExportError(f"internal: expected {spec.name}, got {got.name}")
+                    _write_all(f, tensor)
+                    weight_map[spec.name] = file
+                    bar.update(spec.nbytes)
         bar.close()
         index = {"metadata": {"total_size": stream.total_bytes, **meta}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         copied = _copy_tokenizer(stream, tmp, tokenizer)
     seconds = time.perf_counter() - start
-    return {
-        "out": str(out),
-        "bytes": stream.total_bytes,
-        "seconds": seconds,
-        "shards": len(shards),
-        "tokenizer": copied,
-    }
+    return {"out": str(out), "bytes": stream.total_bytes, "seconds": seconds,
+            "shards": len(shards), "tokenizer": copied}
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file holding ``specs`` in order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": _SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_all(f: Any, tensor: torch.Tensor) -> None:
+    view = memoryview(tensor.contiguous().view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
 
 
 def _write_configs(stream: HfStream, folder: Path) -> None:

@@ -80,7 +80,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writers, "save_file", boom)
+    monkeypatch.setattr(writers, "_write_all", boom)
     with MegatronCheckpoint(megatron_ckpt("fp32_tp1")) as ckpt, pytest.raises(KeyboardInterrupt):
         export_hf(HfStream(ckpt), tmp_path / "hf", progress=False)
     assert list(tmp_path.iterdir()) == []
