@@ -6,6 +6,7 @@ mapping cannot serve are refused with one error listing every offending arg and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,9 +77,41 @@ def unsupported_args(args: Any) -> list[str]:
     out = []
     for name, bad, meaning in _REFUSALS:
         value = getattr(args, name, None)
-        if bad(value):
+        try:
+            refused = bad(value)
+        except (TypeError, ValueError):  # a value of the wrong type is not a supported one
+            refused = True
+        if refused:
             out.append(f"{name}={value!r} ({meaning})")
     return out
+
+
+_REQUIRED: Any = object()
+
+
+def _int_arg(args: Any, name: str, source: str, default: Any = _REQUIRED) -> Any:
+    """``args.<name>`` as a positive int; ``default`` when absent (an error if none is given)."""
+    value = getattr(args, name, None)
+    if value is None:
+        if default is _REQUIRED:
+            raise CorruptCheckpointError(f"{source}: args lack {name}; cannot derive the model")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CorruptCheckpointError(
+            f"{source}: args.{name} is {value!r}; expected a positive integer"
+        )
+    return value
+
+
+def _float_arg(args: Any, name: str, source: str, default: float) -> float:
+    value = getattr(args, name, None)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise CorruptCheckpointError(
+            f"{source}: args.{name} is {value!r}; expected a positive number"
+        )
+    return float(value)
 
 
 def megatron_dtype(args: Any) -> torch.dtype:
@@ -104,12 +137,12 @@ def llama_config_from_args(
             f"{source}: this checkpoint uses features the Llama loader does not serve:\n  "
             + "\n  ".join(refused)
         )
-    hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
-    kv_heads = (
-        int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
-    )
-    padded = getattr(args, "padded_vocab_size", None)
-    vocab = getattr(args, "vocab_size", None) or padded
+    hidden = _int_arg(args, "hidden_size", source)
+    heads = _int_arg(args, "num_attention_heads", source)
+    gqa = getattr(args, "group_query_attention", False)
+    kv_heads = _int_arg(args, "num_query_groups", source) if gqa else heads
+    padded = _int_arg(args, "padded_vocab_size", source, None)
+    vocab = _int_arg(args, "vocab_size", source, None) or padded
     if vocab is None:
         raise CorruptCheckpointError(
             f"{source}: args have neither vocab_size nor padded_vocab_size; pass the vocabulary "
@@ -118,20 +151,17 @@ def llama_config_from_args(
     dtype = megatron_dtype(args)
     fields: dict[str, Any] = dict(
         architectures=["LlamaForCausalLM"],
-        num_hidden_layers=int(args.num_layers),
+        num_hidden_layers=_int_arg(args, "num_layers", source),
         hidden_size=hidden,
-        intermediate_size=int(getattr(args, "ffn_hidden_size", None) or 4 * hidden),
+        intermediate_size=_int_arg(args, "ffn_hidden_size", source, 4 * hidden),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(getattr(args, "kv_channels", None) or hidden // heads),
-        rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
-        rope_theta=float(getattr(args, "rotary_base", 10000)),
-        max_position_embeddings=int(
-            getattr(args, "max_position_embeddings", None)
-            or getattr(args, "seq_length", None)
-            or 4096
-        ),
-        vocab_size=int(vocab),
+        head_dim=_int_arg(args, "kv_channels", source, hidden // heads),
+        rms_norm_eps=_float_arg(args, "norm_epsilon", source, 1e-5),
+        rope_theta=_float_arg(args, "rotary_base", source, 10000.0),
+        max_position_embeddings=_int_arg(args, "max_position_embeddings", source, None)
+        or _int_arg(args, "seq_length", source, 4096),
+        vocab_size=vocab,
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         hidden_act="silu",
         bos_token_id=None,  # token ids belong to the tokenizer, which Megatron args lack

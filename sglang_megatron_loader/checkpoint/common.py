@@ -17,7 +17,10 @@ def read_common_state(dcp: DcpCheckpoint) -> dict[str, Any]:
     if legacy.is_file():
         state, source = load_torch_file(legacy), str(legacy)
     elif COMMON_STATE_KEY in dcp.bytes_items:
-        source = f"{dcp.folder} item '{COMMON_STATE_KEY}'"
+        rel, offset, length = dcp.bytes_items[COMMON_STATE_KEY]
+        source = (
+            f"{dcp.folder / rel} (item '{COMMON_STATE_KEY}', bytes {offset}..{offset + length})"
+        )
         state = load_torch_bytes(dcp.read_bytes_item(COMMON_STATE_KEY), source=source)
         if isinstance(state, list) and len(state) == 1:
             state = state[0]
@@ -30,7 +33,8 @@ def read_common_state(dcp: DcpCheckpoint) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{source}: expected a dict, found {type(state).__name__}")
     if "args" not in state:
         raise CorruptCheckpointError(
-            f"{source}: no 'args' in the common state (keys: {sorted(state)[:10]}); the model "
-            "config cannot be derived. Save with Megatron-LM's training loop, which stores args."
+            f"{source}: no 'args' in the common state (keys: {sorted(map(str, state))[:10]}); the "
+            "model config cannot be derived. Save with Megatron-LM's training loop, which stores "
+            "args."
         )
     return state

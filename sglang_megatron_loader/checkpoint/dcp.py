@@ -88,7 +88,13 @@ class DcpCheckpoint:
             raise CorruptCheckpointError(
                 f"{meta_path}: expected a DCP Metadata object, found {type(meta).__name__}"
             )
-        self.tensors, self.bytes_items = _index(meta, meta_path)
+        try:
+            self.tensors, self.bytes_items = _index(meta, meta_path)
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:  # wrong field types
+            raise CorruptCheckpointError(
+                f"{meta_path}: malformed DCP metadata ({type(exc).__name__}: {exc}); the file is "
+                "damaged or not written by torch.distributed.checkpoint"
+            ) from exc
         self.stats = ReadStats()
         self._files: dict[str, BinaryIO] = {}
         self._zips: dict[tuple[str, int], TensorRef] = {}
@@ -149,8 +155,11 @@ class DcpCheckpoint:
                 f"{source}: expected a contiguous {info.dtype} tensor of shape {chunk.sizes}, "
                 f"found {ref.storage.dtype} of shape {ref.size} (stride {ref.stride})"
             )
-        if ref.storage_offset + _numel(ref.size) > ref.storage.numel:
-            raise CorruptCheckpointError(f"{source}: tensor view exceeds its storage")
+        if ref.storage_offset < 0 or ref.storage_offset + _numel(ref.size) > ref.storage.numel:
+            raise CorruptCheckpointError(
+                f"{source}: tensor view at element {ref.storage_offset} of {_numel(ref.size)} "
+                f"elements exceeds its storage of {ref.storage.numel}"
+            )
         with self._lock:
             self._zips[key] = ref
         return ref
@@ -167,37 +176,39 @@ class DcpCheckpoint:
         extents = tuple(hi - lo for lo, hi in region)
         if out is None:
             out = torch.empty(extents, dtype=info.dtype)
-        covered = 0
-        for chunk in info.chunks:
-            ov = chunk.overlap(region)
-            if ov is None:
-                continue
-            block = self._read_overlap(info, chunk, ov)
+        parts = [(c, ov) for c in info.chunks if (ov := c.overlap(region)) is not None]
+        _check_tiling(info, region, parts, self.folder / ".metadata")
+        for chunk, ov in parts:
             dest = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(ov, region))
-            out[dest].copy_(block)
-            covered += _numel(tuple(hi - lo for lo, hi in ov))
-        if covered != _numel(extents):
-            raise CorruptCheckpointError(
-                f"{self.folder / '.metadata'}: chunks of '{key}' cover {covered} of the "
-                f"{_numel(extents)} elements of region {region}; the metadata is damaged"
-            )
+            self._read_overlap_into(info, chunk, ov, out[dest])
         return out
 
-    def _read_overlap(self, info: TensorInfo, chunk: Chunk, ov: Slice) -> torch.Tensor:
-        """Read the smallest contiguous span of ``chunk`` holding ``ov`` and view it as ``ov``."""
+    def _read_overlap_into(
+        self, info: TensorInfo, chunk: Chunk, ov: Slice, dest: torch.Tensor
+    ) -> None:
+        """Read the part ``ov`` of ``chunk`` into ``dest`` (shaped like ``ov``).
+
+        ``ov`` is read as contiguous runs of the chunk's row-major storage (one run when it is
+        a block of whole rows; one per row for a column slice, so a row-parallel shard reads
+        only its columns). Runs land straight in ``dest`` when it is contiguous CPU memory of
+        the stored dtype; otherwise in a buffer of ``ov``'s size, then ``copy_`` (casting).
+        """
         ref = self._locate(info, chunk)
         local = [(lo - off, hi - off) for (lo, hi), off in zip(ov, chunk.offsets)]
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(lo * s for (lo, _), s in zip(local, strides))
-        last = sum((hi - 1) * s for (_, hi), s in zip(local, strides))
         itemsize = info.dtype.itemsize
-        span = torch.empty(last - first + 1, dtype=info.dtype)
+        direct = dest.dtype == info.dtype and dest.device.type == "cpu" and dest.is_contiguous()
+        buf = dest.reshape(-1) if direct else torch.empty(dest.numel(), dtype=info.dtype)
         f = self._file(chunk.relative_path)
-        start = ref.storage.file_offset + (ref.storage_offset + first) * itemsize
-        read_exact_into(f, start, span, source=str(self.folder / chunk.relative_path))
-        self.stats.add(span.numel() * itemsize)
-        shape = tuple(hi - lo for lo, hi in local)
-        return span.as_strided(shape, strides)
+        source = str(self.folder / chunk.relative_path)
+        base = ref.storage.file_offset + ref.storage_offset * itemsize
+        pos = 0
+        for first, n in _runs(local, chunk.sizes, strides):
+            read_exact_into(f, base + first * itemsize, buf[pos : pos + n], source=source)
+            pos += n
+        if not direct:
+            dest.copy_(buf.view(dest.shape))
+        self.stats.add(pos * itemsize)
 
     def read_bytes_item(self, key: str) -> bytes:
         """The raw payload of a bytes item (e.g. ``common_state/shard_0_1``)."""
@@ -207,11 +218,12 @@ class DcpCheckpoint:
             )
         rel, offset, length = self.bytes_items[key]
         f = self._file(rel)
-        data = os.pread(f.fileno(), length, offset)
+        size = os.fstat(f.fileno()).st_size
+        data = os.pread(f.fileno(), length, offset) if offset + length <= size else b""
         if len(data) != length:
             raise CorruptCheckpointError(
                 f"{self.folder / rel}: bytes item '{key}' needs bytes {offset}..{offset + length}, "
-                f"the file ends before that; truncated"
+                f"the file has {size} bytes; truncated"
             )
         self.stats.add(length)
         return data
@@ -232,6 +244,40 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _runs(
+    local: list[tuple[int, int]], sizes: tuple[int, ...], strides: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """(first element, length) of the contiguous runs covering box ``local``, in C order."""
+    k = len(sizes) - 1  # innermost dim not fully covered: runs span it and all dims after it
+    while k > 0 and local[k] == (0, sizes[k]):
+        k -= 1
+    run = (local[k][1] - local[k][0]) * strides[k]
+    starts = [local[k][0] * strides[k]]
+    for d in range(k - 1, -1, -1):
+        starts = [i * strides[d] + s for i in range(*local[d]) for s in starts]
+    return [(s, run) for s in starts]
+
+
+def _check_tiling(
+    info: TensorInfo, region: Slice, parts: list[tuple[Chunk, Slice]], source: Path
+) -> None:
+    """The chunks overlapping ``region`` cover it exactly once: no gap, no element twice."""
+    covered = sum(_numel(tuple(hi - lo for lo, hi in ov)) for _, ov in parts)
+    wanted = _numel(tuple(hi - lo for lo, hi in region))
+    if covered != wanted:
+        raise CorruptCheckpointError(
+            f"{source}: chunks of '{info.key}' cover {covered} of the {wanted} elements of "
+            f"region {region}; the metadata is damaged"
+        )
+    for i, (a, ova) in enumerate(parts):
+        for b, ovb in parts[i + 1 :]:
+            if all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(ova, ovb)):
+                raise CorruptCheckpointError(
+                    f"{source}: chunks of '{info.key}' at offsets {a.offsets} and {b.offsets} "
+                    "overlap; the metadata is damaged"
+                )
+
+
 def _check_region(info: TensorInfo, region: Any) -> Slice:
     region = tuple((int(a), int(b)) for a, b in region)
     if len(region) != len(info.shape) or any(
@@ -247,50 +293,86 @@ def _index(
     meta: Any, source: Path
 ) -> tuple[dict[str, TensorInfo], dict[str, tuple[str, int, int]]]:
     """Join ``state_dict_metadata`` with ``storage_data`` into per-tensor chunk lists."""
-    storage: dict[tuple[str, tuple[int, ...]], Any] = {}
+    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
     for idx, info in (meta.storage_data or {}).items():
         if getattr(info, "transform_descriptors", None):
             raise CorruptCheckpointError(
                 f"{source}: '{idx.fqn}' is stored with transforms {info.transform_descriptors} "
                 "(compression/encryption); only plain torch_dist files are supported"
             )
-        storage[(idx.fqn, tuple(idx.offset) if idx.offset is not None else ())] = info
+        offset = tuple(idx.offset) if idx.offset is not None else ()
+        storage[(idx.fqn, offset)] = _byte_range(idx.fqn, info, source)
     tensors: dict[str, TensorInfo] = {}
     items: dict[str, tuple[str, int, int]] = {}
     for key, md in meta.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise CorruptCheckpointError(f"{source}: key {key!r} is not a string")
         if isinstance(md, dcp_metadata.BytesStorageMetadata):
             info = storage.get((key, ())) or _find_any(storage, key)
             if info is not None:
-                items[key] = (info.relative_path, int(info.offset), int(info.length))
+                items[key] = info
             continue
         if not isinstance(md, dcp_metadata.TensorStorageMetadata):
             raise CorruptCheckpointError(
                 f"{source}: '{key}' has unknown metadata {type(md).__name__}"
             )
+        shape = _dims(md.size)
+        if not isinstance(md.properties.dtype, torch.dtype) or shape is None:
+            raise CorruptCheckpointError(
+                f"{source}: '{key}' has dtype {md.properties.dtype!r} and size {md.size!r}; "
+                "expected a torch dtype and non-negative integer sizes"
+            )
         chunks = []
         for c in md.chunks:
-            offsets = tuple(int(o) for o in c.offsets)
+            offsets, sizes = _dims(c.offsets), _dims(c.sizes)
+            if offsets is None or sizes is None or not len(offsets) == len(sizes) == len(shape):
+                raise CorruptCheckpointError(
+                    f"{source}: chunk of '{key}' has offsets {c.offsets!r} and sizes {c.sizes!r}; "
+                    f"expected {len(shape)} non-negative integers each"
+                )
+            if any(o + n > d for o, n, d in zip(offsets, sizes, shape)):
+                raise CorruptCheckpointError(
+                    f"{source}: chunk of '{key}' at offsets {offsets} with sizes {sizes} "
+                    f"extends beyond the tensor's shape {shape}"
+                )
             info = storage.get((key, offsets))
             if info is None:
                 raise CorruptCheckpointError(
                     f"{source}: chunk of '{key}' at offsets {offsets} has no storage entry"
                 )
-            chunks.append(
-                Chunk(
-                    offsets,
-                    tuple(int(s) for s in c.sizes),
-                    info.relative_path,
-                    int(info.offset),
-                    int(info.length),
-                )
-            )
-        tensors[key] = TensorInfo(
-            key, md.properties.dtype, tuple(int(s) for s in md.size), tuple(chunks)
-        )
+            chunks.append(Chunk(offsets, sizes, *info))
+        tensors[key] = TensorInfo(key, md.properties.dtype, shape, tuple(chunks))
     return tensors, items
 
 
-def _find_any(storage: dict[tuple[str, tuple[int, ...]], Any], key: str) -> Any:
+def _dims(values: Any) -> tuple[int, ...] | None:
+    """``values`` as a tuple of non-negative ints, or None when it is anything else."""
+    if not isinstance(values, tuple | list):  # torch.Size is a tuple
+        return None
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        return None
+    return tuple(int(v) for v in values)
+
+
+def _byte_range(fqn: str, info: Any, source: Path) -> tuple[str, int, int]:
+    """``(relative_path, offset, length)`` of a storage entry, inside the checkpoint folder."""
+    rel, offset, length = info.relative_path, info.offset, info.length
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise CorruptCheckpointError(
+            f"{source}: '{fqn}' is stored in {rel!r}; expected a data file inside the "
+            "checkpoint folder (the metadata is damaged or hostile)"
+        )
+    if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+        raise CorruptCheckpointError(
+            f"{source}: '{fqn}' has byte offset {offset!r} and length {length!r}; expected "
+            "non-negative integers"
+        )
+    return rel, offset, length
+
+
+def _find_any(
+    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]], key: str
+) -> tuple[str, int, int] | None:
     for (fqn, _), info in storage.items():
         if fqn == key:
             return info

@@ -64,7 +64,7 @@ def _iteration_dir(p: Path) -> tuple[Path, int | None]:
         text = tracker.read_text(errors="replace").strip()
         if text == "release":
             target, iteration = p / "release", None
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit():
             iteration = int(text)
             target = p / f"iter_{iteration:07d}"
         else:

@@ -8,6 +8,7 @@ not be installed and cannot be reached through a hostile file. Any other global 
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -198,6 +199,12 @@ class SafeUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol <= 2 pickles (torch.save's default) name Python 2 modules: '__builtin__.set'.
+        # The default find_class maps them; an override must do it itself.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in self._extra:
             return self._extra[key]

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import torch
 
 from sglang_megatron_loader.checkpoint.safe_pickle import SafeUnpickler, StorageType
-from sglang_megatron_loader.errors import CorruptCheckpointError
+from sglang_megatron_loader.errors import CorruptCheckpointError, MegatronLoaderError
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_MAGIC = 0x04034B50
@@ -90,21 +90,36 @@ class TorchZip:
     """The entries of one ``torch.save`` archive inside ``path`` at ``[start, start+length)``."""
 
     def __init__(self, f: BinaryIO, start: int, length: int, *, source: str) -> None:
-        self._f, self._start, self.source = f, start, source
+        self._f, self._start, self._len, self.source = f, start, length, source
         try:
             zf = zipfile.ZipFile(FileWindow(f, start, length))
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except Exception as exc:  # any parse failure of untrusted bytes
             raise CorruptCheckpointError(
                 f"{source}: expected a torch.save zip archive of {length} bytes at offset {start}, "
-                f"found none ({exc}); the file is truncated or overwritten"
+                f"found none ({type(exc).__name__}: {exc}); the file is truncated or overwritten"
             ) from exc
         self._infos = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
         self._zf = zf
         if "data.pkl" not in self._infos:
             raise CorruptCheckpointError(f"{source}: torch.save archive without data.pkl")
-        byteorder = self._infos.get("byteorder")
-        if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+        if self._read("byteorder", b"little").strip() not in (b"little", b""):
             raise CorruptCheckpointError(f"{source}: big-endian torch archives are not supported")
+
+    def _read(self, name: str, default: bytes | None = None) -> bytes:
+        """The bytes of a (small) entry; CRC and header damage become our error."""
+        info = self._infos.get(name)
+        if info is None:
+            if default is not None:
+                return default
+            raise CorruptCheckpointError(f"{self.source}: torch archive has no entry '{name}'")
+        self._data_offset(name)  # bounds and local header checked before zipfile reads
+        try:
+            return self._zf.read(info)
+        except Exception as exc:  # any parse failure of untrusted bytes
+            raise CorruptCheckpointError(
+                f"{self.source}: entry '{name}' of the torch.save archive is damaged "
+                f"({type(exc).__name__}: {exc}); the file is overwritten or truncated"
+            ) from exc
 
     def _data_offset(self, name: str) -> tuple[int, int]:
         info = self._infos.get(name)
@@ -112,32 +127,60 @@ class TorchZip:
             raise CorruptCheckpointError(f"{self.source}: torch archive has no entry '{name}'")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CorruptCheckpointError(f"{self.source}: entry '{name}' is compressed")
+        if not 0 <= info.header_offset < self._len:
+            raise CorruptCheckpointError(
+                f"{self.source}: zip directory places '{name}' at byte {info.header_offset} of an "
+                f"archive of {self._len} bytes; the file is damaged"
+            )
         header = os.pread(self._f.fileno(), _LOCAL_HEADER.size, self._start + info.header_offset)
         if len(header) != _LOCAL_HEADER.size:
             raise CorruptCheckpointError(f"{self.source}: truncated zip header of '{name}'")
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != _LOCAL_MAGIC:
-            raise CorruptCheckpointError(f"{self.source}: damaged zip header of '{name}'")
+            raise CorruptCheckpointError(
+                f"{self.source}: damaged zip header of '{name}' (expected the local header "
+                f"signature {_LOCAL_MAGIC:#010x}, found {fields[0]:#010x})"
+            )
         offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+        if offset + info.file_size > self._len:
+            raise CorruptCheckpointError(
+                f"{self.source}: entry '{name}' claims bytes {offset}..{offset + info.file_size} "
+                f"of an archive of {self._len} bytes; the file is damaged"
+            )
         return self._start + offset, info.file_size
 
     def _unpickle(self, rebuild: Any, persistent: Any) -> Any:
-        data = self._zf.read(self._infos["data.pkl"])
+        data = self._read("data.pkl")
         extra = {
             ("torch._utils", "_rebuild_tensor_v2"): rebuild,
             ("torch._utils", "_rebuild_tensor"): rebuild,
         }
         stream = io.BytesIO(data)
-        return SafeUnpickler(
-            stream, source=self.source, extra=extra, persistent_load=persistent
-        ).load()
+        try:
+            return SafeUnpickler(
+                stream, source=self.source, extra=extra, persistent_load=persistent
+            ).load()
+        except MegatronLoaderError:
+            raise
+        except Exception as exc:  # any parse failure of untrusted bytes
+            raise CorruptCheckpointError(
+                f"{self.source}: cannot unpickle data.pkl of the torch.save archive "
+                f"({type(exc).__name__}: {_short(exc)}); the file is damaged or not torch.save's"
+            ) from exc
 
     def _storage_ref(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CorruptCheckpointError(f"{self.source}: unexpected persistent id {pid!r}")
+            raise CorruptCheckpointError(f"{self.source}: unexpected persistent id {_short(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, StorageType):
-            raise CorruptCheckpointError(f"{self.source}: unknown storage type {storage_type!r}")
+            raise CorruptCheckpointError(
+                f"{self.source}: unknown storage type {_short(storage_type)}"
+            )
+        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise CorruptCheckpointError(
+                f"{self.source}: storage reference {_short(pid)}: expected a string key and a "
+                "non-negative element count"
+            )
         offset, nbytes = self._data_offset(f"data/{key}")
         itemsize = storage_type.dtype.itemsize
         if nbytes != numel * itemsize:
@@ -150,20 +193,51 @@ class TorchZip:
     def locate(self) -> Any:
         """Unpickle with tensors replaced by :class:`TensorRef` (no tensor bytes read)."""
 
-        def rebuild(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-            return TensorRef(storage, int(offset), tuple(size), tuple(stride))
+        def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorRef:
+            return self._tensor_ref(storage, offset, size, stride)
 
         return self._unpickle(rebuild, self._storage_ref)
 
     def load(self) -> Any:
         """Unpickle and materialise every tensor (small archives only)."""
 
-        def rebuild(
-            storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any
-        ) -> torch.Tensor:
-            return materialise(self._f, TensorRef(storage, int(offset), tuple(size), tuple(stride)))
+        def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> torch.Tensor:
+            return materialise(self._f, self._tensor_ref(storage, offset, size, stride))
 
         return self._unpickle(rebuild, self._storage_ref)
+
+    def _tensor_ref(self, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+        """A tensor rebuild call checked against its storage: the view stays inside it."""
+        ok = (
+            isinstance(storage, StorageRef)
+            and isinstance(offset, int)
+            and isinstance(size, tuple | torch.Size)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))
+        )
+        if not ok:
+            raise CorruptCheckpointError(
+                f"{self.source}: malformed tensor record (storage {_short(storage)}, offset "
+                f"{_short(offset)}, size {_short(size)}, stride {_short(stride)})"
+            )
+        ref = TensorRef(storage, offset, tuple(size), tuple(stride))
+        last = offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+        if 0 not in ref.size and last >= storage.numel:
+            raise CorruptCheckpointError(
+                f"{self.source}: tensor of shape {ref.size} (stride {ref.stride}, offset "
+                f"{offset}) reaches element {last} of a storage of {storage.numel} elements"
+            )
+        return ref
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr`` for messages about untrusted values: bounded in length and never recursing."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile object's repr is not ours to trust
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def materialise(f: BinaryIO, ref: TensorRef) -> torch.Tensor:

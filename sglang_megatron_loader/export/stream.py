@@ -14,7 +14,7 @@ import torch
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.config import ModelDims, llama_config_from_args
-from sglang_megatron_loader.engine import dims_for
+from sglang_megatron_loader.engine import dims_for, execute_plan
 from sglang_megatron_loader.models.llama import LLAMA, hf_parts
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import ParamPlan, RankPlan, plan_rank
@@ -70,10 +70,8 @@ class HfStream:
             by_source.setdefault(s.source, []).append(s)
         for p in self.plan.params:
             full = torch.empty(p.shape, dtype=self._dtype(p))
-            for r in p.reads:
-                rows = full[r.dst[0] : r.dst[1]]
-                rows.copy_(self.ckpt.dcp.read_slice(r.key, r.region).reshape(rows.shape))
-            if p.zero_rows:
-                full[p.zero_rows[0] : p.zero_rows[1]].zero_()
+            execute_plan(
+                self.ckpt, RankPlan(self.plan.tp, (p,)), lambda _, t=full: t, progress=False
+            )
             for s in by_source[p.name]:
                 yield s, full[s.row_start : s.row_start + s.shape[0]]

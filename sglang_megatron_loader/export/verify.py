@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sglang_megatron_loader.engine import execute_plan
 from sglang_megatron_loader.export.stream import HfStream
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
@@ -63,13 +64,8 @@ def fused_forward(stream: HfStream, prompt: list[int]) -> torch.Tensor:
 
 
 def _fused_params(stream: HfStream) -> dict[str, torch.Tensor]:
-    out = {}
-    for plan in stream.plan.params:
-        full = torch.zeros(plan.shape, dtype=torch.float32)
-        for r in plan.reads:
-            rows = full[r.dst[0] : r.dst[1]]
-            rows.copy_(stream.ckpt.dcp.read_slice(r.key, r.region).reshape(rows.shape))
-        out[plan.name] = full
+    out = {p.name: torch.zeros(p.shape, dtype=torch.float32) for p in stream.plan.params}
+    execute_plan(stream.ckpt, stream.plan, lambda p: out[p.name], progress=False)
     return out
 
 

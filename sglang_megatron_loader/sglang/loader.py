@@ -64,6 +64,9 @@ class MegatronModelLoader(BaseModelLoader):
         target = torch.device(device_config.device)
         with MegatronCheckpoint(model_config.model_path) as ckpt:
             dims = dims_for(ckpt, model_config.hf_config)
+            # metadata only: a TP size that cannot split the model is refused here, with the
+            # dimension named, before SGLang's own layer constructors assert on it
+            plan_rank(LLAMA, dims, ckpt.tensors, current_tp())
             with set_default_torch_dtype(model_config.dtype), target:
                 model = _initialize_model(model_config, self.load_config, None)
             self.load_weights_into(model, ckpt, dims)
