@@ -19,6 +19,7 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.checkpoint.integrity import MODES, verify_integrity
 from sglang_megatron_loader.engine import dims_for, execute_plan
 from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
 from sglang_megatron_loader.models.llama import LLAMA
@@ -27,7 +28,7 @@ from sglang_megatron_loader.planner import plan_rank
 
 logger = logging.getLogger("sglang_megatron_loader")
 
-EXTRA_CONFIG_KEYS = frozenset({"progress"})
+EXTRA_CONFIG_KEYS = frozenset({"progress", "verify_integrity"})
 
 
 def current_tp() -> Tp:
@@ -50,6 +51,11 @@ class MegatronModelLoader(BaseModelLoader):
                 f"--model-loader-extra-config: unknown key(s) {unknown} for --load-format "
                 f"megatron; accepted: {sorted(EXTRA_CONFIG_KEYS)}"
             )
+        if extra.get("verify_integrity", "auto") not in MODES:
+            raise UnsupportedCheckpointError(
+                f"--model-loader-extra-config: verify_integrity={extra['verify_integrity']!r}, "
+                f"expected one of {list(MODES)}"
+            )
         self.extra = extra
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -63,6 +69,7 @@ class MegatronModelLoader(BaseModelLoader):
             )
         target = torch.device(device_config.device)
         with MegatronCheckpoint(model_config.model_path) as ckpt:
+            verify_integrity(ckpt.location.iter_dir, self.extra.get("verify_integrity", "auto"))
             dims = dims_for(ckpt, model_config.hf_config)
             # metadata only: a TP size that cannot split the model is refused here, with the
             # dimension named, before SGLang's own layer constructors assert on it

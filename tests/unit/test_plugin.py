@@ -71,3 +71,18 @@ def test_load_format_hook_routes_megatron_to_our_loader() -> None:
     cfg = Cfg()
     plugin._verify_load_format(lambda self: None, cfg)
     assert cfg.load_format is MegatronModelLoader
+
+
+def test_loader_extra_config_is_validated() -> None:
+    import pytest
+    from sglang.srt.configs.load_config import LoadConfig
+
+    from sglang_megatron_loader.errors import UnsupportedCheckpointError
+    from sglang_megatron_loader.sglang.loader import MegatronModelLoader
+
+    ok = MegatronModelLoader(LoadConfig(model_loader_extra_config={"verify_integrity": "require"}))
+    assert ok.extra["verify_integrity"] == "require"
+    with pytest.raises(UnsupportedCheckpointError, match="verify_integrity='sometimes'"):
+        MegatronModelLoader(LoadConfig(model_loader_extra_config={"verify_integrity": "sometimes"}))
+    with pytest.raises(UnsupportedCheckpointError, match=r"unknown key\(s\) \['threads'\]"):
+        MegatronModelLoader(LoadConfig(model_loader_extra_config={"threads": 8}))
