@@ -20,17 +20,23 @@ EVAL_IDS = [1, 17, 42, 99, 3]  # replace with your evaluation set
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.loads(r.read())
 
 
 def evaluate(url: str) -> tuple[list[int], float]:
-    out = post(f"{url}/generate", {
-        "input_ids": EVAL_IDS, "return_logprob": True, "logprob_start_len": 0,
-        "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
-    })
+    out = post(
+        f"{url}/generate",
+        {
+            "input_ids": EVAL_IDS,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+        },
+    )
     logprobs = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"] if lp is not None]
     return out["output_ids"], sum(logprobs) / max(len(logprobs), 1)
 
@@ -48,15 +54,13 @@ def main() -> None:
         iteration = tracker.read_text().strip() if tracker.exists() else None
         if iteration is not None and iteration != seen:
             if seen is not None:  # the server already serves the first one it saw
-                res = post(f"{ns.url}/update_weights_from_disk",
-                           {"model_path": str(ns.run_root)})
+                res = post(f"{ns.url}/update_weights_from_disk", {"model_path": str(ns.run_root)})
                 if not res.get("success"):
                     print(f"iteration {iteration}: reload refused: {res.get('message')}")
                     seen = iteration
                     continue
             tokens, mean_lp = evaluate(ns.url)
-            print(f"iteration {iteration}: greedy {tokens} mean logprob {mean_lp:.4f}",
-                  flush=True)
+            print(f"iteration {iteration}: greedy {tokens} mean logprob {mean_lp:.4f}", flush=True)
             seen, done = iteration, done + 1
         time.sleep(ns.poll)
 

@@ -26,8 +26,12 @@ def main() -> None:
     if ns.tokenizer_path:
         kwargs["tokenizer_path"] = ns.tokenizer_path
     if ns.cpu:
-        kwargs |= {"device": "cpu", "attention_backend": "torch_native",
-                   "disable_overlap_schedule": True, "max_total_tokens": 4096}
+        kwargs |= {
+            "device": "cpu",
+            "attention_backend": "torch_native",
+            "disable_overlap_schedule": True,
+            "max_total_tokens": 4096,
+        }
     has_tokenizer = bool(ns.tokenizer_path)
     engine = sglang.Engine(skip_tokenizer_init=not has_tokenizer, **kwargs)
     try:

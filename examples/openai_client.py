@@ -21,8 +21,13 @@ def main() -> None:
 
     client = OpenAI(base_url=ns.base_url, api_key="none")
     model = client.models.list().data[0].id
-    out = client.completions.create(model=model, prompt=ns.prompt, max_tokens=ns.max_tokens,
-                                    temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=model,
+        prompt=ns.prompt,
+        max_tokens=ns.max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     print("model:", model)
     print("completion:", out.choices[0].text)
 

@@ -96,8 +96,15 @@ def shard_plan(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpe
     return shards
 
 
-def export_hf(stream: HfStream, out: Path, *, shard_bytes: int = 5 * 10**9,
-              tokenizer: Path | None = None, force: bool = False, progress: bool = True) -> dict:
+def export_hf(
+    stream: HfStream,
+    out: Path,
+    *,
+    shard_bytes: int = 5 * 10**9,
+    tokenizer: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write a Hugging Face Llama folder; returns a small report (bytes, seconds, shards).
 
     Each shard's safetensors header is written first (all shapes are known from the plan),
@@ -127,14 +134,26 @@ def export_hf(stream: HfStream, out: Path, *, shard_bytes: int = 5 * 10**9,
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         copied = _copy_tokenizer(stream, tmp, tokenizer)
     seconds = time.perf_counter() - start
-    return {"out": str(out), "bytes": stream.total_bytes, "seconds": seconds,
-            "shards": len(shards), "tokenizer": copied}
+    return {
+        "out": str(out),
+        "bytes": stream.total_bytes,
+        "seconds": seconds,
+        "shards": len(shards),
+        "tokenizer": copied,
+    }
 
 
 _SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -143,8 +162,11 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> byt
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": _SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
-                          "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {
+            "dtype": _SAFETENSORS_DTYPES[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned

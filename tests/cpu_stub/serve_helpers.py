@@ -181,8 +181,9 @@ def start_server(
     # (``[".venv/bin/sglang", "serve"]`` runs SGLang's other entry point)
     cmd = [
         *(launcher or (python, "-m", "sglang.launch_server")),
-        *cpu_server_args(model_path, port, dtype, extra_args=extra_args,
-                         skip_tokenizer_init=skip_tokenizer_init),
+        *cpu_server_args(
+            model_path, port, dtype, extra_args=extra_args, skip_tokenizer_init=skip_tokenizer_init
+        ),
     ]
     with open(log_path, "wb") as log_f:  # the child keeps its own descriptor
         proc = subprocess.Popen(

@@ -24,8 +24,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_there_are_configs_for_the_documented_cases() -> None:
     names = {c.name for c in CONFIGS}
-    assert {"llama3_8b_tp1.yaml", "llama3_70b_tp8.yaml", "llama3_70b_two_node_tp16.yaml",
-            "llama3_8b_pp2.yaml"} <= names
+    assert {
+        "llama3_8b_tp1.yaml",
+        "llama3_70b_tp8.yaml",
+        "llama3_70b_two_node_tp16.yaml",
+        "llama3_8b_pp2.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
