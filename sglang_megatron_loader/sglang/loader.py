@@ -21,7 +21,11 @@ from torch import nn
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.checkpoint.integrity import MODES, verify_integrity
 from sglang_megatron_loader.engine import dims_for, execute_plan
-from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
+from sglang_megatron_loader.errors import (
+    MegatronLoaderError,
+    UnsupportedCheckpointError,
+    WeightMismatchError,
+)
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
@@ -62,6 +66,14 @@ class MegatronModelLoader(BaseModelLoader):
         """Nothing to download: Megatron checkpoints are local folders."""
 
     def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> nn.Module:
+        try:
+            return self._load_model(model_config, device_config)
+        except MegatronLoaderError as exc:
+            # one clear line in the scheduler's log, above SGLang's traceback of the same error
+            logger.error("sglang-megatron-loader: %s", exc)
+            raise
+
+    def _load_model(self, model_config: ModelConfig, device_config: DeviceConfig) -> nn.Module:
         if getattr(model_config, "quantization", None):
             raise UnsupportedCheckpointError(
                 f"--quantization {model_config.quantization} is not supported with "
