@@ -43,6 +43,26 @@ def current_tp() -> Tp:
     return Tp(parallel.tp_rank, parallel.tp_size)
 
 
+def current_pp_size() -> int:
+    """SGLang's pipeline-parallel size for this process."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().pp_size)
+
+
+def refuse_tied_embeddings_with_pp(tied: bool, pp_size: int, source: str) -> None:
+    """SGLang 0.5.23's Llama makes ``lm_head`` an alias of ``embed_tokens``, which only the first
+    pipeline stage has: the last stage would have no output layer and fail at the first request
+    (its default loader has the same gap). Refuse at start instead."""
+    if tied and pp_size > 1:
+        raise UnsupportedCheckpointError(
+            f"{source}: embeddings are tied (args.untie_embeddings_and_output_weights=False) "
+            f"and --pp-size is {pp_size}: SGLang's Llama model has no output layer on the last "
+            "pipeline stage when embeddings are tied. Serve with --pp-size 1 (use --tp-size "
+            "to spread the model over more devices)."
+        )
+
+
 class MegatronModelLoader(BaseModelLoader):
     """``--load-format megatron``: reads Megatron ``torch_dist`` checkpoints directly."""
 
@@ -83,6 +103,7 @@ class MegatronModelLoader(BaseModelLoader):
         with MegatronCheckpoint(model_config.model_path) as ckpt:
             verify_integrity(ckpt.location.iter_dir, self.extra.get("verify_integrity", "auto"))
             dims = dims_for(ckpt, model_config.hf_config)
+            refuse_tied_embeddings_with_pp(dims.tied_embeddings, current_pp_size(), ckpt.source)
             # metadata only: a TP size that cannot split the model is refused here, with the
             # dimension named, before SGLang's own layer constructors assert on it
             plan_rank(LLAMA, dims, ckpt.tensors, current_tp())

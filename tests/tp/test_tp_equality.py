@@ -34,8 +34,10 @@ SGLANG_VOCAB_PAD = 64  # VocabParallelEmbedding pads the vocab to a multiple of 
 
 
 def refused(source: str, world: World) -> bool:
-    """Query heads that cannot be split evenly over the target TP size."""
-    return VARIANTS[source].num_attention_heads % world.tp != 0
+    """Query heads that cannot be split evenly over the target TP size, or tied embeddings with
+    PP > 1 (SGLang's Llama has no output layer on the last stage then)."""
+    v = VARIANTS[source]
+    return v.num_attention_heads % world.tp != 0 or (v.tied_embeddings and world.pp > 1)
 
 
 def combos(worlds: list[World], mark: Callable[[str, World], Any] | None = None) -> list[Any]:
@@ -188,6 +190,17 @@ def test_unsplittable_heads_are_refused_clearly(world_results) -> None:
         assert err["type"].endswith("errors.ShardingError"), f"rank {rank}: {err['where']}"
         assert "num_attention_heads" in err["message"], err["message"]
         assert "6" in err["message"] and "4 TP ranks" in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("label", [w.label for w in PP_WORLDS])
+def test_tied_embeddings_with_pp_are_refused_clearly(world_results, label: str) -> None:
+    """SGLang's tied Llama has no lm_head after stage 0: refused at load on every rank."""
+    for rank, r in enumerate(per_rank(world_results, "tied_fp32_tp1", label)):
+        err = r.get("megatron_error")
+        assert err is not None, f"rank {rank}: tied embeddings loaded at {label}"
+        assert err["type"].endswith("errors.UnsupportedCheckpointError"), err["where"]
+        assert "embeddings are tied" in err["message"], err["message"]
+        assert "--pp-size is 2" in err["message"], err["message"]
 
 
 def test_planner_alone_refuses_unsplittable_heads_clearly(megatron_ckpt) -> None:
