@@ -1,17 +1,19 @@
-"""Megatron training ``args`` -> a transformers ``LlamaConfig`` SGLang accepts.
+"""Megatron training ``args`` -> the transformers config (Llama, Qwen2 or Qwen3) SGLang serves.
 
-Every field comes from the checkpoint itself; nothing is typed by hand. Architectures the Llama
-mapping cannot serve are refused with one error listing every offending arg and its value.
+Every field comes from the checkpoint itself; nothing is typed by hand. The architecture is
+picked from args by :data:`ARCHITECTURES`; features no architecture serves are refused with one
+error listing every offending arg and its value.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
 
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
@@ -22,8 +24,6 @@ _REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("num_experts", lambda v: bool(v), "mixture-of-experts"),
     ("multi_latent_attention", lambda v: bool(v), "multi-latent attention (MLA)"),
     ("add_bias_linear", lambda v: bool(v), "biases on linear layers"),
-    ("add_qkv_bias", lambda v: bool(v), "qkv bias (Qwen2-style)"),
-    ("qk_layernorm", lambda v: bool(v), "qk-layernorm (Qwen3-style)"),
     ("normalization", lambda v: v not in (None, "RMSNorm"), "normalization other than RMSNorm"),
     ("swiglu", lambda v: v is False, "MLP activation other than SwiGLU"),
     ("squared_relu", lambda v: bool(v), "squared-ReLU activation"),
@@ -34,13 +34,64 @@ _REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("rotary_percent", lambda v: v is not None and float(v) != 1.0, "partial rotary embedding"),
     ("rotary_interleaved", lambda v: bool(v), "interleaved rotary embedding"),
-    ("use_rope_scaling", lambda v: bool(v), "Llama-3.x rope scaling (not mapped yet)"),
     ("apply_layernorm_1p", lambda v: bool(v), "layernorm-1p (zero-centred gamma)"),
     ("apply_residual_connection_post_layernorm", lambda v: bool(v), "post-layernorm residual"),
     ("window_size", lambda v: v is not None, "sliding-window attention"),
     ("mtp_num_layers", lambda v: bool(v), "multi-token-prediction layers"),
     ("heterogeneous_layers_config_path", lambda v: bool(v), "heterogeneous layers"),
 )
+
+# Combinations of individually supported args that no SGLang architecture serves:
+# (args, predicate over their values that is True when refused, why).
+_COMBINED_REFUSALS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (
+        ("qk_layernorm", "add_qkv_bias"),
+        lambda qk, bias: bool(qk) and bool(bias),
+        "qk-layernorm with qkv bias: SGLang's Qwen3 (the qk-layernorm model) puts a bias on "
+        "o_proj as well whenever it has qkv biases, and Megatron has none there",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An SGLang / transformers model class, its config class, and when args select it."""
+
+    name: str
+    config_class: type[PreTrainedConfig]
+    selected_by: Callable[[Any], bool]
+    fields: dict[str, Any]  # fixed config fields of this architecture
+
+
+# First match wins; Llama is the default. Each has a mapping table in ``models/``.
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        "Qwen3ForCausalLM",
+        Qwen3Config,
+        lambda a: bool(getattr(a, "qk_layernorm", False)),
+        {"attention_bias": False, "use_sliding_window": False},
+    ),
+    Architecture(
+        "Qwen2ForCausalLM",
+        Qwen2Config,
+        lambda a: bool(getattr(a, "add_qkv_bias", False)),
+        {"use_sliding_window": False},  # q/k/v biases are always on in Qwen2
+    ),
+    Architecture(
+        "LlamaForCausalLM",
+        LlamaConfig,
+        lambda a: True,
+        {"attention_bias": False, "mlp_bias": False},
+    ),
+)
+
+# Megatron's ``RotaryEmbedding._apply_scaling`` (Llama-3.x): only the factor comes from args
+# (``--rope-scaling-factor``); these are fixed there.
+MEGATRON_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +134,30 @@ def unsupported_args(args: Any) -> list[str]:
             refused = True
         if refused:
             out.append(f"{name}={value!r} ({meaning})")
+    for names, bad, meaning in _COMBINED_REFUSALS:
+        values = [getattr(args, n, None) for n in names]
+        if bad(*values):
+            both = " with ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
+            out.append(f"{both} ({meaning})")
     return out
+
+
+def architecture_for(args: Any) -> Architecture:
+    """The architecture that serves a checkpoint with these (supported) args."""
+    return next(a for a in ARCHITECTURES if a.selected_by(args))
+
+
+def rope_parameters(args: Any, source: str) -> dict[str, Any]:
+    """transformers ``rope_parameters``: the base, plus Llama-3.x scaling when trained with it."""
+    params: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": _float_arg(args, "rotary_base", source, 10000.0),
+    }
+    if getattr(args, "use_rope_scaling", False):
+        params["rope_type"] = "llama3"
+        params["factor"] = _float_arg(args, "rope_scaling_factor", source, 8.0)
+        params.update(MEGATRON_LLAMA3_ROPE)
+    return params
 
 
 _REQUIRED: Any = object()
@@ -122,9 +196,9 @@ def megatron_dtype(args: Any) -> torch.dtype:
     return torch.float32
 
 
-def llama_config_from_args(
+def hf_config_from_args(
     args: Any, *, source: str, overrides: dict[str, Any] | None = None
-) -> LlamaConfig:
+) -> PreTrainedConfig:
     """Build the HF config. ``overrides`` may set ``vocab_size`` and ``dtype`` (or any field)."""
     missing = [n for n in REQUIRED_ARGS if getattr(args, n, None) is None]
     if missing:
@@ -134,8 +208,10 @@ def llama_config_from_args(
     refused = unsupported_args(args)
     if refused:
         raise UnsupportedCheckpointError(
-            f"{source}: this checkpoint uses features the Llama loader does not serve:\n  "
+            f"{source}: this checkpoint uses features the loader does not serve:\n  "
             + "\n  ".join(refused)
+            + "\n(served: Llama-style GPT models, with qkv bias as Qwen2, with qk-layernorm as "
+            "Qwen3)"
         )
     hidden = _int_arg(args, "hidden_size", source)
     heads = _int_arg(args, "num_attention_heads", source)
@@ -149,8 +225,9 @@ def llama_config_from_args(
             "size with --json-model-override-args '{\"vocab_size\": N}'"
         )
     dtype = megatron_dtype(args)
+    arch = architecture_for(args)
     fields: dict[str, Any] = dict(
-        architectures=["LlamaForCausalLM"],
+        architectures=[arch.name],
         num_hidden_layers=_int_arg(args, "num_layers", source),
         hidden_size=hidden,
         intermediate_size=_int_arg(args, "ffn_hidden_size", source, 4 * hidden),
@@ -158,7 +235,7 @@ def llama_config_from_args(
         num_key_value_heads=kv_heads,
         head_dim=_int_arg(args, "kv_channels", source, hidden // heads),
         rms_norm_eps=_float_arg(args, "norm_epsilon", source, 1e-5),
-        rope_theta=_float_arg(args, "rotary_base", source, 10000.0),
+        rope_parameters=rope_parameters(args, source),
         max_position_embeddings=_int_arg(args, "max_position_embeddings", source, None)
         or _int_arg(args, "seq_length", source, 4096),
         vocab_size=vocab,
@@ -166,14 +243,17 @@ def llama_config_from_args(
         hidden_act="silu",
         bos_token_id=None,  # token ids belong to the tokenizer, which Megatron args lack
         eos_token_id=None,
-        attention_bias=False,
-        mlp_bias=False,
         dtype=str(dtype).removeprefix("torch."),
+        **arch.fields,
     )
     fields.update(_normalise_overrides(overrides or {}, source))
-    config = LlamaConfig(**fields)
+    config = arch.config_class(**fields)
     config.megatron_padded_vocab_size = int(padded or vocab)
     return config
+
+
+# The name this function had when Llama was the only architecture; kept for callers.
+llama_config_from_args = hf_config_from_args
 
 
 def _normalise_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]:

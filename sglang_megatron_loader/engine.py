@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint, resolve
-from sglang_megatron_loader.config import ModelDims, llama_config_from_args
+from sglang_megatron_loader.config import ModelDims, hf_config_from_args
 from sglang_megatron_loader.errors import WeightMismatchError
-from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.models.table import ModelTable
 from sglang_megatron_loader.planner import (
@@ -58,14 +58,18 @@ def hf_config_for(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     )
     if meta is None or key not in _CONFIG_CACHE:
         with MegatronCheckpoint(iter_dir) as ckpt:
-            _CONFIG_CACHE[key] = llama_config_from_args(
+            _CONFIG_CACHE[key] = hf_config_from_args(
                 ckpt.args, source=ckpt.source, overrides=overrides
             )
     return copy.deepcopy(_CONFIG_CACHE[key])
 
 
-def dims_for(ckpt: MegatronCheckpoint, hf_config: Any, table: ModelTable = LLAMA) -> ModelDims:
-    """Dims from the (possibly overridden) HF config, the stored vocab rows from the tensors."""
+def dims_for(
+    ckpt: MegatronCheckpoint, hf_config: Any, table: ModelTable | None = None
+) -> ModelDims:
+    """Dims from the (possibly overridden) HF config, the stored vocab rows from the tensors;
+    every stored key and shape is checked against ``table`` (default: the config's own)."""
+    table = table or table_for(hf_config)
     emb = ckpt.tensors.get(EMBEDDING_KEY)
     if emb is None:
         raise WeightMismatchError(f"{ckpt.source}: checkpoint has no '{EMBEDDING_KEY}'")

@@ -9,9 +9,10 @@ from collections import Counter
 from typing import Any
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import llama_config_from_args, unsupported_args
+from sglang_megatron_loader.config import hf_config_from_args, unsupported_args
 from sglang_megatron_loader.engine import dims_for
 from sglang_megatron_loader.errors import MegatronLoaderError
+from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import RankPlan, plan_rank
@@ -59,12 +60,13 @@ def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
         plans: list[RankPlan] = []
         if info["refused"]:
             return info, plans
-        config = llama_config_from_args(args, source=ckpt.source)
+        config = hf_config_from_args(args, source=ckpt.source)
         info["config"] = config.to_diff_dict()
         if tp:
             try:
                 dims = dims_for(ckpt, config)
-                plans = [plan_rank(LLAMA, dims, ckpt.tensors, Tp(r, tp)) for r in range(tp)]
+                table = table_for(config)
+                plans = [plan_rank(table, dims, ckpt.tensors, Tp(r, tp)) for r in range(tp)]
                 info["bytes_per_rank"] = [p.bytes_to_read(ckpt.tensors) for p in plans]
             except MegatronLoaderError as exc:
                 info["tp_error"] = str(exc)
@@ -97,9 +99,9 @@ def format_text(info: dict[str, Any]) -> str:
     if "config" in info:
         c = info["config"]
         lines.append(
-            f"config       {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, ffn "
-            f"{c['intermediate_size']}, heads {c['num_attention_heads']} (kv "
-            f"{c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}, "
+            f"config       {c['architectures'][0]}: {c['num_hidden_layers']} layers, hidden "
+            f"{c['hidden_size']}, ffn {c['intermediate_size']}, heads {c['num_attention_heads']} "
+            f"(kv {c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}, "
             f"tied {c.get('tie_word_embeddings', True)}, dtype {c.get('dtype')}"
         )
     if "bytes_per_rank" in info:

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import ModelDims, llama_config_from_args
+from sglang_megatron_loader.config import ModelDims, hf_config_from_args
 from sglang_megatron_loader.engine import dims_for, execute_plan
-from sglang_megatron_loader.models.llama import LLAMA, hf_parts
+from sglang_megatron_loader.models import table_for
+from sglang_megatron_loader.models.llama import hf_parts
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import ParamPlan, RankPlan, plan_rank
 
@@ -43,9 +44,10 @@ class HfStream:
 
     def __init__(self, ckpt: MegatronCheckpoint, overrides: dict[str, Any] | None = None) -> None:
         self.ckpt = ckpt
-        self.config = llama_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
-        self.dims: ModelDims = dims_for(ckpt, self.config)
-        self.plan: RankPlan = plan_rank(LLAMA, self.dims, ckpt.tensors, Tp(0, 1))
+        self.config = hf_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
+        self.table = table_for(self.config)
+        self.dims: ModelDims = dims_for(ckpt, self.config, self.table)
+        self.plan: RankPlan = plan_rank(self.table, self.dims, ckpt.tensors, Tp(0, 1))
         self.specs: list[TensorSpec] = [s for p in self.plan.params for s in self._specs(p)]
 
     def _dtype(self, p: ParamPlan) -> torch.dtype:

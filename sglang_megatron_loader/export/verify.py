@@ -1,9 +1,10 @@
-"""Megatron-free reference checks on CPU: the checkpoint, read through this package into a
-transformers Llama, must reproduce recorded Megatron logits or an independent forward pass
-over the SGLang-layout (fused) weights."""
+"""Megatron-free reference checks on CPU: the checkpoint, read through this package into the
+transformers model of its architecture (Llama, Qwen2, Qwen3), must reproduce recorded Megatron
+logits or an independent forward pass over the SGLang-layout (fused) weights."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +24,12 @@ class PromptCheck:
 
 
 def hf_model(stream: HfStream) -> torch.nn.Module:
-    """A transformers ``LlamaForCausalLM`` in fp32 holding the checkpoint's weights."""
-    from transformers import LlamaForCausalLM
+    """The transformers model of the checkpoint's architecture, in fp32, holding its weights."""
+    from transformers import AutoModelForCausalLM
 
     config = stream.config.__class__.from_dict(stream.config.to_dict())
     config.dtype = "float32"
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     state = {spec.name: t.float() for spec, t in stream.tensors()}
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
@@ -37,19 +38,25 @@ def hf_model(stream: HfStream) -> torch.nn.Module:
 
 
 def fused_forward(stream: HfStream, prompt: list[int]) -> torch.Tensor:
-    """Last-position logits from a plain-torch Llama over SGLang's fused TP=1 parameters."""
+    """Last-position logits from a plain-torch Llama over SGLang's fused TP=1 parameters (with
+    the qkv bias of Qwen2 and the per-head q/k norms of Qwen3 when the model has them)."""
     d, p = stream.dims, _fused_params(stream)
     x = p["model.embed_tokens.weight"][torch.tensor(prompt)]
     n, qd, kvd = len(prompt), d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
-    cos, sin = _rope(n, d.head_dim, stream.config.rope_parameters["rope_theta"])
+    cos, sin = _rope(n, d.head_dim, stream.config.rope_parameters)
     mask = torch.full((n, n), float("-inf")).triu(1)
     eps = stream.config.rms_norm_eps
     for i in range(d.num_layers):
         pre = f"model.layers.{i}."
         h = _rms(x, p[pre + "input_layernorm.weight"], eps)
-        q, k, v = (h @ p[pre + "self_attn.qkv_proj.weight"].T).split([qd, kvd, kvd], dim=-1)
-        q = _rot(q.view(n, d.num_heads, -1), cos, sin).transpose(0, 1)
-        k = _rot(k.view(n, d.num_kv_heads, -1), cos, sin).transpose(0, 1)
+        qkv = h @ p[pre + "self_attn.qkv_proj.weight"].T + p.get(pre + "self_attn.qkv_proj.bias", 0)
+        q, k, v = qkv.split([qd, kvd, kvd], dim=-1)
+        q, k = q.view(n, d.num_heads, -1), k.view(n, d.num_kv_heads, -1)
+        if pre + "self_attn.q_norm.weight" in p:
+            q = _rms(q, p[pre + "self_attn.q_norm.weight"], eps)
+            k = _rms(k, p[pre + "self_attn.k_norm.weight"], eps)
+        q = _rot(q, cos, sin).transpose(0, 1)
+        k = _rot(k, cos, sin).transpose(0, 1)
         v = v.view(n, d.num_kv_heads, -1).transpose(0, 1)
         rep = d.num_heads // d.num_kv_heads
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
@@ -73,11 +80,24 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rope(n: int, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+def _rope(n: int, dim: int, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if params.get("rope_type") == "llama3":
+        inv = _llama3_scaling(inv, params)
     ang = torch.outer(torch.arange(n, dtype=torch.float32), inv)
     emb = torch.cat([ang, ang], dim=-1)
     return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def _llama3_scaling(inv: torch.Tensor, params: dict) -> torch.Tensor:
+    """Llama-3.x frequency scaling as Megatron's ``RotaryEmbedding._apply_scaling`` writes it:
+    long wavelengths divided by the factor, short ones kept, a smooth blend in between."""
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    context = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen < context / high, inv, blended)
 
 
 def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Llama family: Megatron GPTModel (RMSNorm, SwiGLU, GQA, RoPE) <-> SGLang ``LlamaForCausalLM``.
 
+The Qwen2 and Qwen3 tables (``qwen.py``) are this one plus their extra tensors.
+
 Pure data. ``{}`` stands for the layer index. Each source lists the key names a checkpoint may
 use (Transformer Engine and local specs store the first; the second is the local-spec module
 name, kept for checkpoints saved without the key map).
@@ -68,20 +70,22 @@ LLAMA = ModelTable(
 def hf_parts(name: str, dims: ModelDims) -> tuple[tuple[str, int], ...]:
     """SGLang parameter -> its Hugging Face tensors as ``(hf_name, rows)`` in row order.
 
-    Undoes SGLang's ``stacked_params_mapping`` (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and
-    drops SGLang's vocab padding rows, so exports hold exactly ``vocab_size`` rows.
+    Undoes SGLang's ``stacked_params_mapping`` (q/k/v -> qkv_proj, weight and bias alike;
+    gate/up -> gate_up_proj) and drops SGLang's vocab padding rows, so exports hold exactly
+    ``vocab_size`` rows. Shared by every table (Qwen2/Qwen3 keep Llama's names).
     """
-    qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
-    if name.endswith(qkv):
-        base, kv = name.removesuffix(qkv), dims.num_kv_heads * dims.head_dim
+    module, _, leaf = name.rpartition(".")  # leaf: weight or bias
+    stem, _, fused = module.rpartition(".")
+    if fused == "qkv_proj":
+        kv = dims.num_kv_heads * dims.head_dim
         return (
-            (base + "self_attn.q_proj.weight", dims.num_heads * dims.head_dim),
-            (base + "self_attn.k_proj.weight", kv),
-            (base + "self_attn.v_proj.weight", kv),
+            (f"{stem}.q_proj.{leaf}", dims.num_heads * dims.head_dim),
+            (f"{stem}.k_proj.{leaf}", kv),
+            (f"{stem}.v_proj.{leaf}", kv),
         )
-    if name.endswith(gate_up):
-        base, f = name.removesuffix(gate_up), dims.ffn_hidden_size
-        return ((base + "mlp.gate_proj.weight", f), (base + "mlp.up_proj.weight", f))
+    if fused == "gate_up_proj":
+        f = dims.ffn_hidden_size
+        return ((f"{stem}.gate_proj.{leaf}", f), (f"{stem}.up_proj.{leaf}", f))
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return ((name, dims.vocab_size),)
     return ((name, -1),)  # -1: all rows

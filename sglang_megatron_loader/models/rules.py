@@ -79,10 +79,14 @@ class Rule:
 
 
 class Replicated(Rule):
-    """Every rank holds the whole tensor (norm weights)."""
+    """Every rank holds the whole 1-D tensor of ``size`` (a ``ModelDims`` field): norm weights
+    over the hidden size, qk-layernorm weights over the head dim."""
+
+    def __init__(self, size: str = "hidden_size") -> None:
+        self.size = size
 
     def apply(self, shape: tuple[int, ...], dims: ModelDims, tp: Tp, what: str) -> RuleResult:
-        _expect(shape, (dims.hidden_size,), what)
+        _expect(shape, (getattr(dims, self.size),), what)
         return RuleResult(tuple(shape), (Block(_full(shape, (0, shape[0])), (0, shape[0])),))
 
 
@@ -117,12 +121,17 @@ class QKV(Rule):
     """Megatron per-group ``[q_g; k_g; v_g]`` rows -> SGLang ``[q_rank; k_rank; v_rank]``.
 
     Query heads split evenly across ranks; KV heads split when ``tp <= groups``, otherwise each
-    rank holds the one KV head ``rank // (tp / groups)`` (SGLang's replication).
+    rank holds the one KV head ``rank // (tp / groups)`` (SGLang's replication). The weight is
+    ``[rows, hidden]``; with ``bias=True`` the 1-D ``linear_qkv.bias``, whose rows are grouped
+    the same way, is regrouped and sharded alike.
     """
+
+    def __init__(self, bias: bool = False) -> None:
+        self.bias = bias
 
     def apply(self, shape: tuple[int, ...], dims: ModelDims, tp: Tp, what: str) -> RuleResult:
         nq, ng, h = dims.num_heads, dims.num_kv_heads, dims.head_dim
-        _expect(shape, ((nq + 2 * ng) * h, dims.hidden_size), what)
+        _expect(shape, ((nq + 2 * ng) * h, *(() if self.bias else (dims.hidden_size,))), what)
         if nq % ng:
             raise ShardingError(f"{what}: {nq} query heads are not a multiple of {ng} query groups")
         q_lo, q_hi = split(nq, tp, "num_attention_heads")
@@ -139,7 +148,7 @@ class QKV(Rule):
                 start = g * group_rows + offset
                 blocks.append(Block(_full(shape, (start, start + h)), (row, row + h)))
                 row += h
-        return RuleResult((row, shape[1]), coalesce(blocks))
+        return RuleResult((row, *shape[1:]), coalesce(blocks))
 
     @staticmethod
     def kv_heads(ng: int, tp: Tp) -> range:

@@ -26,7 +26,7 @@ from sglang_megatron_loader.errors import (
     UnsupportedCheckpointError,
     WeightMismatchError,
 )
-from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
 
@@ -106,7 +106,7 @@ class MegatronModelLoader(BaseModelLoader):
             refuse_tied_embeddings_with_pp(dims.tied_embeddings, current_pp_size(), ckpt.source)
             # metadata only: a TP size that cannot split the model is refused here, with the
             # dimension named, before SGLang's own layer constructors assert on it
-            plan_rank(LLAMA, dims, ckpt.tensors, current_tp())
+            plan_rank(table_for(model_config.hf_config), dims, ckpt.tensors, current_tp())
             with set_default_torch_dtype(model_config.dtype), target:
                 model = _initialize_model(model_config, self.load_config, None)
             self.load_weights_into(model, ckpt, dims)
@@ -120,13 +120,15 @@ class MegatronModelLoader(BaseModelLoader):
 def load_weights_into(
     model: nn.Module, ckpt: MegatronCheckpoint, dims: Any, *, progress: bool = True
 ) -> None:
-    """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``.
+    """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``, through the mapping
+    table of the model's own architecture (``model.config``).
 
-    Every read is planned (and every shape checked) before the first byte is copied.
+    Every read is planned (and every shape checked) before the first byte is copied. Each read
+    is cast from the key's stored dtype to the parameter's (fp32 norms into a bf16 model).
     """
     tp = current_tp()
     params = dict(model.named_parameters())
-    plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
+    plan = plan_rank(table_for(model.config), dims, ckpt.tensors, tp, params)
     loc = ckpt.location
     to_read = plan.bytes_to_read(ckpt.tensors)
     logger.info(

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint, looks_like_megatron
-from sglang_megatron_loader.config import ModelDims, llama_config_from_args
+from sglang_megatron_loader.config import ModelDims, hf_config_from_args
 from sglang_megatron_loader.engine import dims_for
 from sglang_megatron_loader.errors import MegatronLoaderError
 
@@ -59,6 +59,23 @@ def incompatibilities(serving: ModelDims, new: ModelDims) -> list[str]:
     return out
 
 
+def config_incompatibilities(serving: Any, new: Any) -> list[str]:
+    """Differences built into the served model's layers rather than its weights: the
+    architecture (which tensors exist) and the rotary embedding (base, scaling)."""
+    out = []
+    arch = [(c.architectures or ["?"])[0] for c in (serving, new)]
+    if arch[0] != arch[1]:
+        out.append(f"architecture: serving {arch[0]}, checkpoint {arch[1]}")
+    keys = ("rope_type", "rope_theta", "factor")
+    rope = [
+        {k: (getattr(c, "rope_parameters", None) or {}).get(k) for k in keys}
+        for c in (serving, new)
+    ]
+    if rope[0] != rope[1]:
+        out.append(f"rope: serving {rope[0]}, checkpoint {rope[1]}")
+    return out
+
+
 def reload_megatron(updater: Any, model_path: str) -> tuple[bool, str]:
     """Reload ``updater``'s model from ``model_path``; (success, message) as SGLang expects."""
     from sglang_megatron_loader.sglang.loader import load_weights_into
@@ -68,10 +85,11 @@ def reload_megatron(updater: Any, model_path: str) -> tuple[bool, str]:
     try:
         with MegatronCheckpoint(model_path) as ckpt:
             overrides = dict(getattr(model_config, "model_override_args", None) or {})
-            new_config = llama_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
+            new_config = hf_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
             new = dims_for(ckpt, new_config)
             serving = ModelDims.from_hf_config(model_config.hf_config, new.padded_vocab_size)
-            problems = incompatibilities(serving, new)
+            problems = config_incompatibilities(model_config.hf_config, new_config)
+            problems += incompatibilities(serving, new)
             if problems:
                 message = (
                     f"{ckpt.source}: refusing to reload, the checkpoint's model differs "

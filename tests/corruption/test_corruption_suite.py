@@ -614,18 +614,19 @@ CASES: list[Case] = [
     ),
     Case(
         "unsupported_moe_qk_layernorm",
-        "common.pt args say num_experts=8, qk_layernorm=True",
-        _args(num_experts=8, qk_layernorm=True),
+        "common.pt args say num_experts=8, qk_layernorm=True, add_qkv_bias=True",
+        _args(num_experts=8, qk_layernorm=True, add_qkv_bias=True),
         UnsupportedCheckpointError,
-        r"does not serve:\n  num_experts=8 \(mixture-of-experts\)\n  qk_layernorm=True",
+        r"does not serve:\n  num_experts=8 \(mixture-of-experts\)\n  "
+        r"qk_layernorm=True with add_qkv_bias=True",
     ),
     Case(
-        "unsupported_layernorm_rope_scaling",
-        "common.pt args say normalization='LayerNorm', use_rope_scaling=True",
-        _args(normalization="LayerNorm", use_rope_scaling=True),
+        "unsupported_layernorm_interleaved_rope",
+        "common.pt args say normalization='LayerNorm', rotary_interleaved=True",
+        _args(normalization="LayerNorm", rotary_interleaved=True),
         UnsupportedCheckpointError,
         r"normalization='LayerNorm' \(normalization other than RMSNorm\)\n  "
-        r"use_rope_scaling=True",
+        r"rotary_interleaved=True",
     ),
     # -- target tensor parallelism (planning) --------------------------------------------------
     Case(

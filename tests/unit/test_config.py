@@ -1,4 +1,5 @@
-"""Megatron args -> LlamaConfig, from the args a real checkpoint stored."""
+"""Megatron args -> the transformers config (Llama, Qwen2, Qwen3), from the args real
+checkpoints stored."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import copy
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen3Config
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import llama_config_from_args
+from sglang_megatron_loader.config import (
+    hf_config_from_args,
+    llama_config_from_args,
+    unsupported_args,
+)
 from sglang_megatron_loader.errors import UnsupportedCheckpointError
+from sglang_megatron_loader.models import table_for
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +71,110 @@ def test_every_unsupported_feature_is_listed_in_one_error(stored_args) -> None:
         "LayerNorm",
         True,
     )
+    a.add_qkv_bias = True
     with pytest.raises(UnsupportedCheckpointError) as err:
         llama_config_from_args(a, source="ckpt/iter_0000010")
     msg = str(err.value)
     for part in (
         "num_experts=8",
-        "qk_layernorm=True",
+        "qk_layernorm=True with add_qkv_bias=True",
         "normalization='LayerNorm'",
         "rotary_interleaved=True",
         "ckpt/iter_0000010",
     ):
         assert part in msg
+
+
+# -- architecture and variant args, each mapped to its config field ----------------------------
+
+
+def _args_of(megatron_ckpt, variant: str):
+    with MegatronCheckpoint(megatron_ckpt(variant)) as ckpt:
+        return ckpt.args
+
+
+def test_rope_scaling_args_map_to_llama3_rope_parameters(megatron_ckpt) -> None:
+    a = _args_of(megatron_ckpt, "rope_scaling_fp32_tp1")
+    assert a.use_rope_scaling and a.rope_scaling_factor == 32.0
+    c = hf_config_from_args(a, source="x")
+    assert c.architectures == ["LlamaForCausalLM"]
+    # Megatron's RotaryEmbedding._apply_scaling: only the factor is an arg
+    assert c.rope_parameters == {
+        "rope_type": "llama3",
+        "rope_theta": float(a.rotary_base),
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    b = copy.copy(a)
+    del b.rope_scaling_factor  # Megatron's default factor
+    assert hf_config_from_args(b, source="x").rope_parameters["factor"] == 8.0
+    b.use_rope_scaling = False
+    assert hf_config_from_args(b, source="x").rope_parameters == {
+        "rope_type": "default",
+        "rope_theta": float(a.rotary_base),
+    }
+
+
+def test_rotary_base_and_norm_epsilon(stored_args) -> None:
+    a = copy.copy(stored_args)
+    a.rotary_base, a.norm_epsilon = 500000, 1e-6
+    c = hf_config_from_args(a, source="x")
+    assert c.rope_parameters["rope_theta"] == 500000.0 and c.rms_norm_eps == 1e-6
+
+
+def test_qkv_bias_maps_to_qwen2(megatron_ckpt) -> None:
+    a = _args_of(megatron_ckpt, "qkv_bias_fp32_tp2")
+    c = hf_config_from_args(a, source="x")
+    assert isinstance(c, Qwen2Config) and c.architectures == ["Qwen2ForCausalLM"]
+    assert c.tie_word_embeddings is True and c.use_sliding_window is False
+    assert c.head_dim == a.kv_channels  # Qwen2 reads head_dim when the config has one
+
+
+def test_qk_layernorm_maps_to_qwen3(megatron_ckpt) -> None:
+    a = _args_of(megatron_ckpt, "qk_norm_fp32_tp1")
+    c = hf_config_from_args(a, source="x")
+    assert isinstance(c, Qwen3Config) and c.architectures == ["Qwen3ForCausalLM"]
+    assert c.attention_bias is False and c.head_dim == a.kv_channels
+    assert c.rms_norm_eps == a.norm_epsilon  # Megatron's q/k norms use layernorm_epsilon too
+
+
+def test_qk_layernorm_with_qkv_bias_is_refused(stored_args) -> None:
+    a = copy.copy(stored_args)
+    a.qk_layernorm = a.add_qkv_bias = True
+    with pytest.raises(
+        UnsupportedCheckpointError, match="qk_layernorm=True with add_qkv_bias=True"
+    ):
+        hf_config_from_args(a, source="x")
+    assert "qk_layernorm=True with add_qkv_bias=True" in unsupported_args(a)[0]
+
+
+def test_fp16_args_give_float16(megatron_ckpt) -> None:
+    a = _args_of(megatron_ckpt, "fp16_tp1")
+    assert a.fp16 and not a.bf16
+    assert str(hf_config_from_args(a, source="x").dtype).endswith("float16")
+
+
+def test_no_gqa_fixture_gives_as_many_kv_heads_as_heads(megatron_ckpt) -> None:
+    a = _args_of(megatron_ckpt, "mha_fp32_tp1")
+    assert a.group_query_attention is False
+    assert hf_config_from_args(a, source="x").num_key_value_heads == a.num_attention_heads
+
+
+@pytest.mark.parametrize(
+    ("variant", "table"),
+    [("fp32_tp1", "llama"), ("qkv_bias_fp32_tp2", "qwen2"), ("qk_norm_fp32_tp1", "qwen3")],
+)
+def test_each_architecture_has_its_table(megatron_ckpt, variant: str, table: str) -> None:
+    assert (
+        table_for(hf_config_from_args(_args_of(megatron_ckpt, variant), source="x")).name == table
+    )
+
+
+def test_moe_and_mla_stay_refused(stored_args) -> None:
+    a = copy.copy(stored_args)
+    a.num_experts, a.multi_latent_attention = 8, True
+    msg = "\n".join(unsupported_args(a))
+    assert "num_experts=8 (mixture-of-experts)" in msg
+    assert "multi_latent_attention=True (multi-latent attention (MLA))" in msg
