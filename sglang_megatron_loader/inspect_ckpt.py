@@ -29,6 +29,9 @@ TRAINING_LAYOUT_ARGS = (
 
 def writer_version(ckpt: MegatronCheckpoint) -> str:
     """Which megatron-core generation wrote the checkpoint, from its on-disk layout."""
+    if ckpt.location.format == "torch":
+        version = ckpt.common.get("checkpoint_version")
+        return f"Megatron-LM --ckpt-format torch (per-rank files, checkpoint_version {version})"
     if (ckpt.location.iter_dir / "common.pt").is_file():
         return "megatron-core <= 0.18 (common.pt)"
     if "common_backend" in ckpt.location.metadata_json:
@@ -50,7 +53,8 @@ def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
             "training_layout": {k: getattr(args, k, None) for k in TRAINING_LAYOUT_ARGS},
             "parameters": sum(_numel(ckpt.tensors[k].shape) for k in model_keys),
             "model_bytes": sum(ckpt.tensors[k].nbytes for k in model_keys),
-            "optimizer_and_other_bytes": sum(ckpt.tensors[k].nbytes for k in other),
+            "optimizer_and_other_bytes": sum(ckpt.tensors[k].nbytes for k in other)
+            + getattr(ckpt.dcp, "other_bytes", 0),  # legacy files: optimizer and RNG state
             "files_bytes": sum(ckpt.dcp.file_sizes().values()),
             "dtypes": dict(
                 Counter(str(ckpt.tensors[k].dtype).removeprefix("torch.") for k in model_keys)

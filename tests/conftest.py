@@ -43,6 +43,21 @@ def megatron_ckpt(fixture_cache: Path) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="session")
+def legacy_ckpt(fixture_cache: Path, megatron_ckpt: Callable[[str], Path]) -> Callable[[str], Path]:
+    """``legacy_ckpt(name)`` -> run root of a real legacy ``torch``-format checkpoint (Megatron-LM
+    ``--ckpt-format torch``) holding the weights of its torch_dist base variant, with that
+    variant's reference file beside it. Generated on first use (~15 s per variant)."""
+    from make_legacy_checkpoint import LEGACY_VARIANTS, ensure_legacy_fixtures, legacy_cache_dir
+
+    def get(name: str) -> Path:
+        base = LEGACY_VARIANTS[name].base
+        bases = {base: megatron_ckpt(base)}
+        return ensure_legacy_fixtures(legacy_cache_dir(fixture_cache), bases, [name])[name]
+
+    return get
+
+
 @pytest.fixture
 def ckpt_copy(megatron_ckpt: Callable[[str], Path], tmp_path: Path) -> Callable[[str], Path]:
     """A private copy of a fixture run root, for tests that damage it."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from sglang_megatron_loader.checkpoint.common import read_common_state
 from sglang_megatron_loader.checkpoint.dcp import DcpCheckpoint, TensorInfo
+from sglang_megatron_loader.checkpoint.legacy import LegacyCheckpoint
 from sglang_megatron_loader.checkpoint.locate import (
     CheckpointLocation,
     looks_like_megatron,
@@ -16,6 +17,7 @@ from sglang_megatron_loader.checkpoint.locate import (
 __all__ = [
     "CheckpointLocation",
     "DcpCheckpoint",
+    "LegacyCheckpoint",
     "MegatronCheckpoint",
     "TensorInfo",
     "looks_like_megatron",
@@ -28,8 +30,14 @@ class MegatronCheckpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.location = resolve(path)
-        self.dcp = DcpCheckpoint(self.location.iter_dir)
-        self.common = read_common_state(self.dcp)
+        # ``dcp``: the tensor reader; for the legacy format a DcpCheckpoint over per-rank files
+        self.dcp: DcpCheckpoint
+        if self.location.format == "torch":
+            self.dcp = LegacyCheckpoint(self.location.iter_dir)
+            self.common = self.dcp.common
+        else:
+            self.dcp = DcpCheckpoint(self.location.iter_dir)
+            self.common = read_common_state(self.dcp)
         self.args: Any = self.common["args"]
 
     @property

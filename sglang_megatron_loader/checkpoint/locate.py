@@ -25,7 +25,7 @@ class CheckpointLocation:
     path: Path  # what the user gave
     iter_dir: Path
     iteration: int | None  # None for ``release``
-    format: str  # "torch_dist" (others are refused for now)
+    format: str  # "torch_dist", or "torch" (legacy per-rank mp_rank_* files)
     metadata_json: dict
 
     @property
@@ -106,10 +106,7 @@ def _detect_format(d: Path) -> tuple[str, dict]:
             )
         return "torch_dist", meta
     if any(n.startswith("mp_rank_") for n in names):
-        raise UnsupportedCheckpointError(
-            f"{d}: legacy per-rank 'torch' format (mp_rank_* folders) is not supported yet; "
-            "re-save with --ckpt-format torch_dist"
-        )
+        return "torch", {}  # legacy per-rank files (--ckpt-format torch): checkpoint/legacy.py
     if ".metadata" in names or any(n.endswith(".distcp") for n in names):
         raise IncompleteCheckpointError(
             f"{d}: has DCP data but no metadata.json. Megatron writes metadata.json last, so the "

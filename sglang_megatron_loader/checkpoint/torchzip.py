@@ -79,11 +79,31 @@ class TensorRef:
     stride: tuple[int, ...]
 
     def is_contiguous(self) -> bool:
-        expected, step = [], 1
-        for dim in reversed(self.size):
-            expected.append(step)
-            step *= dim
-        return all(s == e or d == 1 for s, e, d in zip(self.stride, reversed(expected), self.size))
+        return _is_contiguous(self.size, self.stride)
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor record from :meth:`TorchZip.skim`: its storage is named, not yet located, so
+    not one byte of the storage's zip entry (header or data) has been read."""
+
+    storage_key: str
+    dtype: torch.dtype
+    numel: int  # elements of the whole storage
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def is_contiguous(self) -> bool:
+        return _is_contiguous(self.size, self.stride)
+
+
+def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected, step = [], 1
+    for dim in reversed(size):
+        expected.append(step)
+        step *= dim
+    return all(s == e or d == 1 for s, e, d in zip(stride, reversed(expected), size))
 
 
 class TorchZip:
@@ -149,9 +169,12 @@ class TorchZip:
             )
         return self._start + offset, info.file_size
 
-    def _unpickle(self, rebuild: Any, persistent: Any) -> Any:
+    def _unpickle(
+        self, rebuild: Any, persistent: Any, extra: dict[tuple[str, str], Any] | None = None
+    ) -> Any:
         data = self._read("data.pkl")
         extra = {
+            **(extra or {}),
             ("torch._utils", "_rebuild_tensor_v2"): rebuild,
             ("torch._utils", "_rebuild_tensor"): rebuild,
         }
@@ -198,6 +221,51 @@ class TorchZip:
 
         return self._unpickle(rebuild, self._storage_ref)
 
+    def skim(self, extra: dict[tuple[str, str], Any] | None = None) -> Any:
+        """Unpickle with tensors replaced by :class:`LazyTensor`: only the zip directory and
+        ``data.pkl`` are read, no storage entry at all (for files that also hold optimizer and
+        RNG state, whose bytes must stay unread). :meth:`resolve` locates a chosen one.
+        ``extra`` adds inert allow-list entries for this archive only."""
+
+        def pending(pid: Any) -> tuple[StorageType, str, int]:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise CorruptCheckpointError(
+                    f"{self.source}: unexpected persistent id {_short(pid)}"
+                )
+            _, storage_type, key, _location, numel = pid
+            if not isinstance(storage_type, StorageType):
+                raise CorruptCheckpointError(
+                    f"{self.source}: unknown storage type {_short(storage_type)}"
+                )
+            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                raise CorruptCheckpointError(
+                    f"{self.source}: storage reference {_short(pid)}: expected a string key "
+                    "and a non-negative element count"
+                )
+            return storage_type, key, numel
+
+        def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> LazyTensor:
+            if not (isinstance(storage, tuple) and len(storage) == 3):
+                raise CorruptCheckpointError(
+                    f"{self.source}: malformed tensor record (storage {_short(storage)})"
+                )
+            storage_type, key, numel = storage
+            self._check_view(numel, offset, size, stride, key)
+            return LazyTensor(key, storage_type.dtype, numel, offset, tuple(size), tuple(stride))
+
+        return self._unpickle(rebuild, pending, extra)
+
+    def resolve(self, lazy: LazyTensor) -> TensorRef:
+        """Locate the storage of a skimmed tensor (reads its 30-byte zip header, no data)."""
+        offset, nbytes = self._data_offset(f"data/{lazy.storage_key}")
+        if nbytes != lazy.numel * lazy.dtype.itemsize:
+            raise CorruptCheckpointError(
+                f"{self.source}: storage data/{lazy.storage_key} holds {nbytes} bytes, expected "
+                f"{lazy.numel} x {lazy.dtype.itemsize} ({lazy.dtype})"
+            )
+        storage = StorageRef(offset, nbytes, lazy.dtype, lazy.numel)
+        return TensorRef(storage, lazy.storage_offset, lazy.size, lazy.stride)
+
     def load(self) -> Any:
         """Unpickle and materialise every tensor (small archives only)."""
 
@@ -208,8 +276,17 @@ class TorchZip:
 
     def _tensor_ref(self, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
         """A tensor rebuild call checked against its storage: the view stays inside it."""
+        numel = storage.numel if isinstance(storage, StorageRef) else None
+        self._check_view(numel, offset, size, stride, storage)
+        return TensorRef(storage, offset, tuple(size), tuple(stride))
+
+    def _check_view(
+        self, numel: int | None, offset: Any, size: Any, stride: Any, storage: Any
+    ) -> None:
+        """The view (offset, size, stride) is well formed and stays inside ``numel`` elements
+        (None: the storage record itself is malformed)."""
         ok = (
-            isinstance(storage, StorageRef)
+            numel is not None
             and isinstance(offset, int)
             and isinstance(size, tuple | torch.Size)
             and isinstance(stride, tuple)
@@ -221,14 +298,12 @@ class TorchZip:
                 f"{self.source}: malformed tensor record (storage {_short(storage)}, offset "
                 f"{_short(offset)}, size {_short(size)}, stride {_short(stride)})"
             )
-        ref = TensorRef(storage, offset, tuple(size), tuple(stride))
-        last = offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
-        if 0 not in ref.size and last >= storage.numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if 0 not in tuple(size) and last >= numel:  # type: ignore[operator]
             raise CorruptCheckpointError(
-                f"{self.source}: tensor of shape {ref.size} (stride {ref.stride}, offset "
-                f"{offset}) reaches element {last} of a storage of {storage.numel} elements"
+                f"{self.source}: tensor of shape {tuple(size)} (stride {tuple(stride)}, offset "
+                f"{offset}) reaches element {last} of a storage of {numel} elements"
             )
-        return ref
 
 
 def _short(value: Any, limit: int = 120) -> str:

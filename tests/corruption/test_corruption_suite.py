@@ -317,11 +317,11 @@ CASES: list[Case] = [
         r"metadata\.json: sharded_backend is 'zarr'; only 'torch_dist' is supported",
     ),
     Case(
-        "legacy_torch_format",
-        "iter folder holds mp_rank_00/model_optim_rng.pt (--ckpt-format torch)",
+        "legacy_torch_format_without_args",
+        "iter folder holds only mp_rank_00/model_optim_rng.pt = {'model': {}} (no args)",
         _legacy_format,
-        UnsupportedCheckpointError,
-        r"iter_0000010: legacy per-rank 'torch' format \(mp_rank_\* folders\) is not supported",
+        CorruptCheckpointError,
+        r"mp_rank_00/model_optim_rng\.pt: no Megatron 'args'",
     ),
     # -- .metadata -----------------------------------------------------------------------------
     Case(
