@@ -46,8 +46,11 @@ def hf_config_for(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     import json
 
     iter_dir = resolve(path).iter_dir
+    identity = iter_dir / ".metadata"
+    if not identity.exists():  # legacy per-rank files: the first rank's file
+        identity = min(iter_dir.glob("mp_rank_00*/model_optim_rng.pt"), default=identity)
     try:
-        meta = (iter_dir / ".metadata").stat()
+        meta = identity.stat()
     except OSError:  # let the reader raise its own clear error
         meta = None
     key = (
