@@ -32,6 +32,8 @@ def writer_version(ckpt: MegatronCheckpoint) -> str:
     if ckpt.location.format == "torch":
         version = ckpt.common.get("checkpoint_version")
         return f"Megatron-LM --ckpt-format torch (per-rank files, checkpoint_version {version})"
+    if ckpt.location.format == "torch_dcp":
+        return "Megatron-LM --ckpt-format torch_dcp (plain PyTorch DCP, FSDP2 training)"
     if (ckpt.location.iter_dir / "common.pt").is_file():
         return "megatron-core <= 0.18 (common.pt)"
     if "common_backend" in ckpt.location.metadata_json:

@@ -13,6 +13,7 @@ from sglang_megatron_loader.checkpoint.locate import (
     looks_like_megatron,
     resolve,
 )
+from sglang_megatron_loader.checkpoint.torch_dcp import TorchDcpCheckpoint
 
 __all__ = [
     "CheckpointLocation",
@@ -34,6 +35,9 @@ class MegatronCheckpoint:
         self.dcp: DcpCheckpoint
         if self.location.format == "torch":
             self.dcp = LegacyCheckpoint(self.location.iter_dir)
+            self.common = self.dcp.common
+        elif self.location.format == "torch_dcp":
+            self.dcp = TorchDcpCheckpoint(self.location.iter_dir)
             self.common = self.dcp.common
         else:
             self.dcp = DcpCheckpoint(self.location.iter_dir)

@@ -25,7 +25,7 @@ class CheckpointLocation:
     path: Path  # what the user gave
     iter_dir: Path
     iteration: int | None  # None for ``release``
-    format: str  # "torch_dist", or "torch" (legacy per-rank mp_rank_* files)
+    format: str  # "torch_dist", "torch" (legacy mp_rank_* files) or "torch_dcp" (plain DCP)
     metadata_json: dict
 
     @property
@@ -107,18 +107,38 @@ def _detect_format(d: Path) -> tuple[str, dict]:
         return "torch_dist", meta
     if any(n.startswith("mp_rank_") for n in names):
         return "torch", {}  # legacy per-rank files (--ckpt-format torch): checkpoint/legacy.py
+    if ".metadata" in names and _is_plain_dcp_save(d / ".metadata"):
+        return "torch_dcp", {}  # Megatron-LM --ckpt-format torch_dcp: checkpoint/torch_dcp.py
     if ".metadata" in names or any(n.endswith(".distcp") for n in names):
         raise IncompleteCheckpointError(
             f"{d}: has DCP data but no metadata.json. Megatron writes metadata.json last, so the "
             "save is incomplete (still running or crashed); wait for it to finish or load an "
-            "earlier iteration. (torch_dcp/fsdp_dtensor checkpoints, which also lack it, are not "
-            "supported yet.)"
+            "earlier iteration."
         )
     if not names:
         raise CheckpointNotFoundError(f"{d}: the folder is empty")
     raise CheckpointNotFoundError(
         f"{d}: no metadata.json, .metadata or mp_rank_* inside; not a Megatron checkpoint"
     )
+
+
+def _is_plain_dcp_save(meta_path: Path) -> bool:
+    """True for a complete plain-DCP save of Megatron-LM's state dict (``torch_dcp`` and
+    ``fsdp_dtensor``): ``args`` is a top-level DCP item and the weights sit under ``model.``.
+
+    megatron-core's torch_dist keeps args in ``common.pt`` or ``common_state/*`` and never
+    prefixes keys, and DCP writes ``.metadata`` only once every data file is complete; so a
+    torch_dist folder without ``metadata.json`` stays an incomplete save. Unreadable metadata
+    (truncated: a save in progress) counts as not; a hostile one raises UnsafePickleError.
+    """
+    from sglang_megatron_loader.checkpoint.safe_pickle import safe_loads
+
+    try:
+        meta = safe_loads(meta_path.read_bytes(), source=str(meta_path))
+        keys = list(getattr(meta, "state_dict_metadata", None) or ())
+    except (CorruptCheckpointError, OSError, TypeError):
+        return False
+    return "args" in keys and any(isinstance(k, str) and k.startswith("model.") for k in keys)
 
 
 def find_tokenizer(location: CheckpointLocation, tokenizer_model: object = None) -> Path | None:
