@@ -34,9 +34,16 @@ def writer_version(ckpt: MegatronCheckpoint) -> str:
         return f"Megatron-LM --ckpt-format torch (per-rank files, checkpoint_version {version})"
     if ckpt.location.format == "torch_dcp":
         return "Megatron-LM --ckpt-format torch_dcp (plain PyTorch DCP, FSDP2 training)"
-    if (ckpt.location.iter_dir / "common.pt").is_file():
-        return "megatron-core <= 0.18 (common.pt)"
-    if "common_backend" in ckpt.location.metadata_json:
+    legacy_common = (ckpt.location.iter_dir / "common.pt").is_file()
+    if legacy_common or "common_backend" in ckpt.location.metadata_json:
+        # megatron classes the save pickled into .metadata tell the older generations apart
+        raw = (ckpt.location.iter_dir / ".metadata").read_bytes()
+        if b"MCoreMetadata" in raw:
+            return "megatron-core 0.15 (common.pt, MCoreMetadata in .metadata)"
+        if b"MCoreSavePlan" in raw:
+            return "megatron-core <= 0.14 (common.pt, MCoreSavePlan in .metadata)"
+        if legacy_common:
+            return "megatron-core 0.16 to 0.18 (common.pt)"
         return "megatron-core <= 0.18"
     return "megatron-core >= 0.19 (common state inside the DCP)"
 

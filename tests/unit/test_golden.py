@@ -20,6 +20,7 @@ from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.cli import main as cli
 from sglang_megatron_loader.engine import execute_plan
 from sglang_megatron_loader.export.stream import HfStream
+from sglang_megatron_loader.inspect_ckpt import writer_version
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
@@ -38,14 +39,15 @@ class Layout:
     common_pt: bool
     files_per_rank: int
     mcore_globals: tuple[bytes, ...]  # megatron classes pickled into .metadata
+    writer: str  # what ``inspect`` names as the writer
 
 
 FORMATS = {
-    "0.14": Layout(4, True, 2, (b"MCoreSavePlan",)),
-    "0.15": Layout(4, True, 2, (b"MCoreMetadata", b"MCoreSavePlan")),
-    "0.16": Layout(4, True, 2, ()),
-    "0.18": Layout(4, True, 1, ()),
-    "0.19": Layout(2, False, 1, ()),
+    "0.14": Layout(4, True, 2, (b"MCoreSavePlan",), "megatron-core <= 0.14"),
+    "0.15": Layout(4, True, 2, (b"MCoreMetadata", b"MCoreSavePlan"), "megatron-core 0.15"),
+    "0.16": Layout(4, True, 2, (), "megatron-core 0.16 to 0.18"),
+    "0.18": Layout(4, True, 1, (), "megatron-core 0.16 to 0.18"),
+    "0.19": Layout(2, False, 1, (), "megatron-core >= 0.19"),
 }
 
 
@@ -85,6 +87,7 @@ def test_reader_parses_each_release_layout(root: Path) -> None:
         ranks = ckpt.args.tensor_model_parallel_size * ckpt.args.pipeline_model_parallel_size
         assert len(list(iter_dir.glob("*.distcp"))) == ranks * want.files_per_rank
         assert ckpt.location.format == "torch_dist" and ckpt.common["iteration"] == 10
+        assert want.writer in writer_version(ckpt)
         assert ckpt.args.num_layers == 2 and ckpt.args.num_query_groups == 2
         assert ref["megatron_core_version"].startswith(root.parent.name.removeprefix("mcore_"))
         model = [k for k in ckpt.tensors if not LLAMA.is_ignored(k)]
