@@ -1,4 +1,5 @@
-"""Test-only CPU harness: SGLang's real ``LlamaForCausalLM`` at TP/PP > 1 over gloo, two ways.
+"""Test-only CPU harness: SGLang's real model (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+``Qwen3ForCausalLM``) at TP/PP > 1 over gloo, two ways.
 
 The parent side (the pytest process, which never imports SGLang) converts each Megatron
 checkpoint the classic way into a Hugging Face folder, reading it with PyTorch's own
@@ -6,8 +7,9 @@ checkpoint the classic way into a Hugging Face folder, reading it with PyTorch's
 rank forms the gloo group once and then, for every source layout, builds the model twice through
 SGLang's own loading path (``ModelConfig.from_server_args``, ``build_load_config``,
 ``model_loader.get_model``): with ``--load-format megatron`` and with the default loader on the
-HF folder. It compares the two parameter by parameter with ``torch.equal`` and records what the
-Megatron load read from disk (``read_recorder.py``). Results come back as one JSON file per rank.
+HF folder. It compares the two parameter by parameter, buffers included, with ``torch.equal`` and
+records what the Megatron load read from disk (``read_recorder.py``). Results come back as one
+JSON file per rank.
 
 Every SGLang-on-CPU adjustment (no PyNccl, no custom all-reduce, the rotary CPU flag) lives in
 :func:`_cpu_sglang_environment`; nothing here is part of the package.
@@ -104,29 +106,48 @@ def checkpoint_file_bytes(iter_dir: Path) -> int:
     return sum(p.stat().st_size for p in iter_dir.iterdir() if p.is_file())
 
 
-def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
-    """The classic Megatron GPT (Llama spec) -> HF Llama conversion, on full tensors."""
+def split_qkv(fused: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's per-group rows ``[q_g (nq/ng heads); k_g; v_g]`` for g = 0..ng-1 -> HF's q, k, v.
+
+    Works on the qkv weight ``[rows, hidden]`` and on the qkv bias ``[rows]`` alike.
+    """
     nq, ng, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    per_group, f, vocab = nq // ng, cfg.intermediate_size, cfg.vocab_size
+    per_group, tail = nq // ng, fused.shape[1:]
+    groups = fused.reshape(ng, (per_group + 2) * h, *tail)
+    return (
+        groups[:, : per_group * h].reshape(nq * h, *tail),
+        groups[:, per_group * h : -h].reshape(ng * h, *tail),
+        groups[:, -h:].reshape(ng * h, *tail),
+    )
 
-    def layer(name: str, i: int) -> torch.Tensor:
-        per_layer = f"decoder.layers.{i}.{name}"
-        return t[per_layer] if per_layer in t else t[f"decoder.layers.{name}"][i]
 
-    hf = {"model.embed_tokens.weight": t["embedding.word_embeddings.weight"][:vocab]}
+def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """The classic Megatron GPT -> HF Llama / Qwen2 / Qwen3 conversion, on full tensors.
+
+    Qwen2's qkv bias is regrouped like the weight; Qwen3's ``q_layernorm`` / ``k_layernorm``
+    become ``self_attn.q_norm`` / ``k_norm``. Every Megatron tensor must be used.
+    """
+    f, vocab, used = cfg.intermediate_size, cfg.vocab_size, set()
+
+    def get(key: str) -> torch.Tensor:
+        used.add(key)
+        return t[key]
+
+    def layer(name: str, i: int) -> torch.Tensor | None:
+        per_layer, stacked = f"decoder.layers.{i}.{name}", f"decoder.layers.{name}"
+        if per_layer in t:
+            return get(per_layer)
+        return get(stacked)[i] if stacked in t else None
+
+    hf = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight")[:vocab]}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        qkv = layer("self_attention.linear_qkv.weight", i)
-        groups = qkv.reshape(ng, (per_group + 2) * h, cfg.hidden_size)
         fc1 = layer("mlp.linear_fc1.weight", i)
         hf.update(
             {
                 p + "input_layernorm.weight": layer(
                     "self_attention.linear_qkv.layer_norm_weight", i
                 ),
-                p + "self_attn.q_proj.weight": groups[:, : per_group * h].reshape(nq * h, -1),
-                p + "self_attn.k_proj.weight": groups[:, per_group * h : -h].reshape(ng * h, -1),
-                p + "self_attn.v_proj.weight": groups[:, -h:].reshape(ng * h, -1),
                 p + "self_attn.o_proj.weight": layer("self_attention.linear_proj.weight", i),
                 p + "post_attention_layernorm.weight": layer("mlp.linear_fc1.layer_norm_weight", i),
                 p + "mlp.gate_proj.weight": fc1[:f],
@@ -134,18 +155,49 @@ def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tens
                 p + "mlp.down_proj.weight": layer("mlp.linear_fc2.weight", i),
             }
         )
-    hf["model.norm.weight"] = t["decoder.final_layernorm.weight"]
+        for leaf in ("weight", "bias"):
+            fused = layer(f"self_attention.linear_qkv.{leaf}", i)
+            if fused is not None:
+                q, k, v = split_qkv(fused, cfg)
+                hf.update({p + f"self_attn.{n}_proj.{leaf}": x for n, x in zip("qkv", (q, k, v))})
+        for n in "qk":
+            norm = layer(f"self_attention.{n}_layernorm.weight", i)
+            if norm is not None:
+                hf[p + f"self_attn.{n}_norm.weight"] = norm
+    hf["model.norm.weight"] = get("decoder.final_layernorm.weight")
     if not cfg.tie_word_embeddings:
-        hf["lm_head.weight"] = t["output_layer.weight"][:vocab]
+        hf["lm_head.weight"] = get("output_layer.weight")[:vocab]
+    unused = sorted(set(t) - used)
+    if unused:
+        raise ValueError(f"the classic conversion does not know {unused}")
     return {k: v.contiguous() for k, v in hf.items()}
 
 
-def hf_config_for_variant(variant: Any) -> Any:
-    """A transformers ``LlamaConfig`` from the fixture's own variant definition."""
-    from transformers import LlamaConfig
+# Megatron's ``RotaryEmbedding._apply_scaling`` defaults; only the factor is an argument.
+LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+
+def hf_config_for_variant(variant: Any) -> Any:
+    """The transformers config from the fixture's own variant definition: Qwen3 for q/k
+    layernorm, Qwen2 for qkv bias, else Llama; Llama-3.x rope scaling when trained with it."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(variant.rotary_base)}
+    if variant.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=float(variant.rope_scaling_factor), **LLAMA3_ROPE)
+    if variant.qk_layernorm:
+        cls, extra = Qwen3Config, {"attention_bias": False}
+    elif variant.qkv_bias:
+        cls, extra = Qwen2Config, {}
+    else:
+        cls, extra = LlamaConfig, {"attention_bias": False, "mlp_bias": False}
+    return cls(
+        architectures=[cls.__name__.replace("Config", "ForCausalLM")],
         vocab_size=variant.vocab_size,
         hidden_size=variant.hidden_size,
         intermediate_size=variant.ffn_hidden_size,
@@ -155,10 +207,11 @@ def hf_config_for_variant(variant: Any) -> Any:
         head_dim=variant.head_dim,
         max_position_embeddings=variant.max_position_embeddings,
         rms_norm_eps=variant.norm_epsilon,
-        rope_theta=float(variant.rotary_base),
+        rope_parameters=rope,
         tie_word_embeddings=variant.tied_embeddings,
         hidden_act="silu",
-        dtype="bfloat16" if variant.dtype == "bf16" else "float32",
+        dtype=HF_DTYPES[variant.dtype],
+        **extra,
     )
 
 
@@ -352,21 +405,28 @@ def useful_bytes(model: torch.nn.Module, itemsize: int) -> int:
     return total
 
 
-def compare(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, Any]:
-    """Parameter by parameter: same names, shapes, dtypes and ``torch.equal`` values."""
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    diffs = []
-    for name in sorted(set(pa) & set(pb)):
-        x, y = pa[name].data, pb[name].data
+def _diffs(xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor]) -> list[str]:
+    out = []
+    for name in sorted(set(xs) & set(ys)):
+        x, y = xs[name].data, ys[name].data
         if x.dtype != y.dtype or x.shape != y.shape:
-            diffs.append(f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
+            out.append(f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
         elif not torch.equal(x, y):
-            diffs.append(f"{name}: max |diff| {(x.float() - y.float()).abs().max().item():.3g}")
+            out.append(f"{name}: max |diff| {(x.float() - y.float()).abs().max().item():.3g}")
+    return out
+
+
+def compare(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, Any]:
+    """Parameter by parameter: same names, shapes, dtypes and ``torch.equal`` values. Buffers
+    too: the rotary ``cos_sin_cache`` is where the two configs' RoPE (and its scaling) shows."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
     return {
         "params": sorted(pa),
-        "only_megatron": sorted(set(pa) - set(pb)),
-        "only_hf": sorted(set(pb) - set(pa)),
-        "diffs": diffs,
+        "buffers": sorted(ba),
+        "only_megatron": sorted(set(pa) - set(pb)) + sorted(set(ba) - set(bb)),
+        "only_hf": sorted(set(pb) - set(pa)) + sorted(set(bb) - set(ba)),
+        "diffs": _diffs(pa, pb) + _diffs(ba, bb),
         "all_zero": sorted(n for n, x in pa.items() if not x.data.count_nonzero()),
     }
 

@@ -1,11 +1,13 @@
 """Any training layout to any SGLang TP (and PP) size, on CPU over gloo.
 
-For every source layout and target layout, each rank builds SGLang's real ``LlamaForCausalLM``
-twice through SGLang's own loading path: with ``--load-format megatron`` and with the default
-loader on a Hugging Face folder made by the classic conversion (read with PyTorch's DCP, not with
-this package). The two must be identical parameter by parameter (``torch.equal``), and each rank
-must read its own share of the checkpoint, never all of it. One set of processes per target
-layout loads every source layout (see ``harness.py``); a table of bytes read is printed (``-s``).
+For every source layout and target layout, each rank builds SGLang's real model (Llama; Qwen2 for
+qkv bias; Qwen3 for q/k layernorm) twice through SGLang's own loading path: with ``--load-format
+megatron`` and with the default loader on a Hugging Face folder made by the classic conversion
+(read with PyTorch's DCP, not with this package). The two must be identical parameter by
+parameter and buffer by buffer (``torch.equal``; the rotary cache carries the RoPE scaling), and
+each rank must read its own share of the checkpoint, never all of it. One set of processes per
+target layout loads every source layout (see ``harness.py``); a table of bytes read is printed
+(``-s``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ SOURCES = [
     "bf16_tp1",
     "tied_fp32_tp1",
     "other_dims",
+    "qkv_bias_fp32_tp2",  # Qwen2, tied embeddings
+    "qk_norm_fp32_tp1",  # Qwen3
+    "mha_fp32_tp1",
+    "rope_scaling_fp32_tp1",
+    "fp16_tp1",
 ]
 TP_WORLDS = [World(1), World(2), World(4)]
 PP_WORLDS = [World(1, pp=2), World(2, pp=2)]
@@ -106,21 +113,25 @@ def vocab_rows(vocab: int, tp: int, tp_rank: int) -> int:
 
 
 def expected_share(source: str, world: World, tp_rank: int, pp_rank: int) -> int:
-    """Checkpoint bytes a rank must hold: 1/TP of every split weight, whole norms, its KV heads,
-    its stage's layers. SGLang's Llama puts ``embed_tokens`` on the first stage and, untied,
-    ``lm_head`` on every stage; tied, ``lm_head`` is ``embed_tokens`` (absent after stage 0)."""
+    """Checkpoint bytes a rank must hold: 1/TP of every split weight (qkv bias like its weight),
+    whole norms (q/k norms: one head each), its KV heads, its stage's layers. SGLang puts
+    ``embed_tokens`` on the first stage; untied, its Llama has ``lm_head`` on every stage, its
+    Qwen2/Qwen3 on the last stage only; tied (PP 1 here), ``lm_head`` is ``embed_tokens``."""
     v = VARIANTS[source]
     hid, ffn, h, n = v.hidden_size, v.ffn_hidden_size, v.head_dim, world.tp
     q = v.num_attention_heads // n * h
     kv = max(v.num_query_groups // n, 1) * h  # tp > groups: one replicated KV head
     per_layer = 2 * hid + (q + 2 * kv) * hid + hid * q + 2 * (ffn // n) * hid + hid * (ffn // n)
+    per_layer += (q + 2 * kv) if v.qkv_bias else 0
+    per_layer += 2 * h if v.qk_layernorm else 0
     lo, hi = stage_layers(v.num_layers, world.pp, pp_rank)
     elements = per_layer * (hi - lo)
     vocab = vocab_rows(v.vocab_size, n, tp_rank) * hid
     elements += vocab if pp_rank == 0 else 0
     elements += hid if pp_rank == world.pp - 1 else 0
-    elements += 0 if v.tied_embeddings else vocab
-    return elements * (2 if v.dtype == "bf16" else 4)
+    llama = not (v.qkv_bias or v.qk_layernorm)
+    elements += vocab if not v.tied_embeddings and (llama or pp_rank == world.pp - 1) else 0
+    return elements * (4 if v.dtype == "fp32" else 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +148,16 @@ def test_megatron_load_equals_hf_conversion(world_results, source: str, label: s
         cmp = r["compare"]
         assert cmp["params"], where
         assert not cmp["only_megatron"] and not cmp["only_hf"], (where, cmp)
-        assert not cmp["diffs"], f"{where}: parameters differ: {cmp['diffs']}"
+        assert not cmp["diffs"], f"{where}: parameters or buffers differ: {cmp['diffs']}"
         assert not cmp["all_zero"], f"{where}: never filled: {cmp['all_zero']}"
+
+
+@pytest.mark.parametrize("label", ["tp1", "tp2"])
+def test_rope_scaling_is_compared_in_the_rotary_cache(world_results, label: str) -> None:
+    """Rope scaling changes no weight; only the compared ``cos_sin_cache`` shows it."""
+    for rank, r in enumerate(per_rank(world_results, "rope_scaling_fp32_tp1", label)):
+        buffers = r["compare"]["buffers"]
+        assert any(b.endswith("rotary_emb.cos_sin_cache") for b in buffers), (rank, buffers)
 
 
 @pytest.mark.parametrize(("source", "label"), combos(PP_WORLDS))
@@ -226,7 +245,7 @@ def test_planner_alone_refuses_unsplittable_heads_clearly(megatron_ckpt) -> None
 
 def bytes_table(world: World, results: list[dict[str, Any]], sizes: dict[str, Any]) -> str:
     head = (
-        f"{'source':<14}{'target':<8}{'rank':>4} {'tp,pp':<6}{'layers':<7}"
+        f"{'source':<22}{'target':<8}{'rank':>4} {'tp,pp':<6}{'layers':<7}"
         f"{'read':>9}{'holds':>9}{'x':>6}{'all I/O':>9}{'model':>9}{'read%':>7}  over-read / twice"
     )
     lines = [head, "-" * len(head)]
@@ -236,7 +255,7 @@ def bytes_table(world: World, results: list[dict[str, Any]], sizes: dict[str, An
             pos = f"{r['tp_rank']},{r['pp_rank']}"
             if "reads" not in r:
                 err = r.get("megatron_error", {}).get("type", "?").rsplit(".", 1)[-1]
-                lines.append(f"{source:<14}{world.label:<8}{rank:>4} {pos:<6}refused: {err}")
+                lines.append(f"{source:<22}{world.label:<8}{rank:>4} {pos:<6}refused: {err}")
                 continue
             reads, model = r["reads"], sizes[source]["model_bytes"]
             read, holds = reads["weight_bytes"], r["useful_bytes"]
@@ -247,7 +266,7 @@ def bytes_table(world: World, results: list[dict[str, Any]], sizes: dict[str, An
             notes = ",".join(over) + twice_note(reads)
             layers = f"{r['layers'][0]}-{r['layers'][1]}"
             lines.append(
-                f"{source:<14}{world.label:<8}{rank:>4} {pos:<6}{layers:<7}{read:>9}{holds:>9}"
+                f"{source:<22}{world.label:<8}{rank:>4} {pos:<6}{layers:<7}{read:>9}{holds:>9}"
                 f"{read / holds:>6.2f}{io:>9}{model:>9}{100 * read / model:>6.1f}%  {notes}"
             )
     return "\n".join(lines)
