@@ -51,15 +51,18 @@ def current_pp_size() -> int:
 
 
 def refuse_tied_embeddings_with_pp(tied: bool, pp_size: int, source: str) -> None:
-    """SGLang 0.5.23's Llama makes ``lm_head`` an alias of ``embed_tokens``, which only the first
-    pipeline stage has: the last stage would have no output layer and fail at the first request
-    (its default loader has the same gap). Refuse at start instead."""
+    """Tied embeddings with PP > 1 are refused at start. SGLang 0.5.23's Llama makes ``lm_head``
+    an alias of ``embed_tokens``, which only the first pipeline stage has, so its last stage has
+    no output layer and fails at the first request (its default loader has the same gap). Its
+    Qwen2/Qwen3 give the last stage its own ``lm_head`` copy of the embedding, which the mapping
+    tables (``lm_head`` is untied-only) do not fill yet."""
     if tied and pp_size > 1:
         raise UnsupportedCheckpointError(
             f"{source}: embeddings are tied (args.untie_embeddings_and_output_weights=False) "
-            f"and --pp-size is {pp_size}: SGLang's Llama model has no output layer on the last "
-            "pipeline stage when embeddings are tied. Serve with --pp-size 1 (use --tp-size "
-            "to spread the model over more devices)."
+            f"and --pp-size is {pp_size}: not supported (SGLang's Llama has no output layer on "
+            "the last pipeline stage when embeddings are tied, and this loader does not fill "
+            "Qwen2/Qwen3's last-stage copy of the embedding yet). Serve with --pp-size 1 (use "
+            "--tp-size to spread the model over more devices)."
         )
 
 
