@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sglang_megatron_loader.checkpoint import legacy_layout as layout
-from sglang_megatron_loader.checkpoint.dcp import Chunk, DcpCheckpoint, ReadStats, TensorInfo
+from sglang_megatron_loader.checkpoint.dcp import (
+    Chunk,
+    DcpCheckpoint,
+    ReadStats,
+    TensorInfo,
+    _contiguous_strides,
+)
 from sglang_megatron_loader.checkpoint.torchzip import LazyTensor, StorageRef, TensorRef, TorchZip
 from sglang_megatron_loader.errors import (
     CorruptCheckpointError,
@@ -286,7 +292,8 @@ class LegacyCheckpoint(DcpCheckpoint):
             start = ref.storage.file_offset + first * itemsize
             chunk = Chunk(piece.offsets, piece.sizes, rel, start, numel * itemsize)
             storage = StorageRef(start, numel * itemsize, lazy.dtype, numel)
-            self._zips[(rel, start)] = TensorRef(storage, 0, piece.sizes, _strides(piece.sizes))
+            strides = _contiguous_strides(piece.sizes)
+            self._zips[(rel, start)] = TensorRef(storage, 0, piece.sizes, strides)
             chunks.append(chunk)
         return TensorInfo(g.key, g.dtype, g.shape, tuple(chunks))
 
@@ -310,11 +317,3 @@ def _storages(obj: Any, out: dict[str, LazyTensor] | None = None) -> dict[str, L
         for v in obj:
             _storages(v, out)
     return out
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for d in reversed(shape):
-        out.append(step)
-        step *= d
-    return tuple(reversed(out))

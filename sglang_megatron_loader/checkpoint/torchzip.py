@@ -191,7 +191,8 @@ class TorchZip:
                 f"({type(exc).__name__}: {_short(exc)}); the file is damaged or not torch.save's"
             ) from exc
 
-    def _storage_ref(self, pid: Any) -> StorageRef:
+    def _storage_pid(self, pid: Any) -> tuple[StorageType, str, int]:
+        """Check one ``torch.save`` persistent id; returns (storage type, key, element count)."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CorruptCheckpointError(f"{self.source}: unexpected persistent id {_short(pid)}")
         _, storage_type, key, _location, numel = pid
@@ -204,6 +205,10 @@ class TorchZip:
                 f"{self.source}: storage reference {_short(pid)}: expected a string key and a "
                 "non-negative element count"
             )
+        return storage_type, key, numel
+
+    def _storage_ref(self, pid: Any) -> StorageRef:
+        storage_type, key, numel = self._storage_pid(pid)
         offset, nbytes = self._data_offset(f"data/{key}")
         itemsize = storage_type.dtype.itemsize
         if nbytes != numel * itemsize:
@@ -227,23 +232,6 @@ class TorchZip:
         RNG state, whose bytes must stay unread). :meth:`resolve` locates a chosen one.
         ``extra`` adds inert allow-list entries for this archive only."""
 
-        def pending(pid: Any) -> tuple[StorageType, str, int]:
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-                raise CorruptCheckpointError(
-                    f"{self.source}: unexpected persistent id {_short(pid)}"
-                )
-            _, storage_type, key, _location, numel = pid
-            if not isinstance(storage_type, StorageType):
-                raise CorruptCheckpointError(
-                    f"{self.source}: unknown storage type {_short(storage_type)}"
-                )
-            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-                raise CorruptCheckpointError(
-                    f"{self.source}: storage reference {_short(pid)}: expected a string key "
-                    "and a non-negative element count"
-                )
-            return storage_type, key, numel
-
         def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> LazyTensor:
             if not (isinstance(storage, tuple) and len(storage) == 3):
                 raise CorruptCheckpointError(
@@ -253,7 +241,7 @@ class TorchZip:
             self._check_view(numel, offset, size, stride, key)
             return LazyTensor(key, storage_type.dtype, numel, offset, tuple(size), tuple(stride))
 
-        return self._unpickle(rebuild, pending, extra)
+        return self._unpickle(rebuild, self._storage_pid, extra)
 
     def resolve(self, lazy: LazyTensor) -> TensorRef:
         """Locate the storage of a skimmed tensor (reads its 30-byte zip header, no data)."""
