@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "cpu_stub"))
 import serve_helpers as sh  # noqa: E402
+from make_megatron_checkpoint import VARIANTS as FIXTURE_VARIANTS  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -24,22 +25,7 @@ pytestmark = pytest.mark.e2e
 TOLERANCE = {"float32": 2e-4, "bfloat16": 0.15, "float16": 0.03}
 TIE = {"float32": 0.0, "bfloat16": 0.125, "float16": 0.02}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-VARIANTS = [
-    "fp32_tp1",
-    "bf16_tp1",
-    "fp32_tp2",
-    "fp32_pp2",
-    "fp32_tp2pp2",
-    "tied_fp32_tp1",
-    "mqa_fp32_tp1",
-    "other_dims",
-    "rope_scaling_fp32_tp1",
-    "qkv_bias_fp32_tp2",
-    "qk_norm_fp32_tp1",
-    "fp16_tp1",
-    "mha_fp32_tp1",
-    "bf16_fp32norms_tp1",
-]
+VARIANTS = list(FIXTURE_VARIANTS)  # every fixture variant
 
 
 def reference(run_root: Path) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from make_megatron_checkpoint import VARIANTS as FIXTURE_VARIANTS
 from safetensors import safe_open
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
@@ -18,22 +19,7 @@ from sglang_megatron_loader.export.writers import export_hf, export_pytorch
 # transformers runs fp32; a bf16 checkpoint's reference came from Megatron's bf16 forward.
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
 ARCHITECTURE = {"qkv_bias_fp32_tp2": "Qwen2ForCausalLM", "qk_norm_fp32_tp1": "Qwen3ForCausalLM"}
-VARIANTS = [
-    "fp32_tp1",
-    "bf16_tp1",
-    "fp32_tp2",
-    "fp32_pp2",
-    "fp32_tp2pp2",
-    "tied_fp32_tp1",
-    "mqa_fp32_tp1",
-    "other_dims",
-    "rope_scaling_fp32_tp1",
-    "qkv_bias_fp32_tp2",
-    "qk_norm_fp32_tp1",
-    "fp16_tp1",
-    "mha_fp32_tp1",
-    "bf16_fp32norms_tp1",
-]
+VARIANTS = list(FIXTURE_VARIANTS)  # every fixture variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
