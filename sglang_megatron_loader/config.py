@@ -252,10 +252,6 @@ def hf_config_from_args(
     return config
 
 
-# The name this function had when Llama was the only architecture; kept for callers.
-llama_config_from_args = hf_config_from_args
-
-
 def _normalise_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]:
     out = dict(overrides)
     if "torch_dtype" in out:

@@ -20,7 +20,7 @@ from sglang_megatron_loader import engine
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.checkpoint.integrity import verify_integrity
 from sglang_megatron_loader.checkpoint.safe_pickle import MegatronPlaceholder, safe_loads
-from sglang_megatron_loader.config import llama_config_from_args
+from sglang_megatron_loader.config import hf_config_from_args
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
@@ -136,7 +136,7 @@ def load(path: Path, tp: Tp = TP1, params: tuple[str, ...] | None = None) -> dic
     around it (``MegatronModelLoader.load_model``)."""
     with MegatronCheckpoint(path) as ckpt:
         verify_integrity(ckpt.location.iter_dir, "auto")
-        config = llama_config_from_args(ckpt.args, source=ckpt.source)
+        config = hf_config_from_args(ckpt.args, source=ckpt.source)
         dims = engine.dims_for(ckpt, config)
         plan = plan_rank(LLAMA, dims, ckpt.tensors, tp, params)
         dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype

@@ -14,7 +14,7 @@ import torch
 
 from sglang_megatron_loader import engine
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import llama_config_from_args
+from sglang_megatron_loader.config import hf_config_from_args
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
@@ -83,7 +83,7 @@ def test_threads_sharing_one_reader_agree_with_one_reader(megatron_ckpt) -> None
     path = megatron_ckpt(VARIANT)
     alone = {rank: dmg.load(path, Tp(rank, TP)) for rank in range(TP)}
     with MegatronCheckpoint(path) as ckpt:
-        config = llama_config_from_args(ckpt.args, source=ckpt.source)
+        config = hf_config_from_args(ckpt.args, source=ckpt.source)
         dims = engine.dims_for(ckpt, config)
         start, errors = threading.Barrier(TP), queue.Queue()
         outs: dict[int, dict[str, torch.Tensor]] = {}

@@ -12,7 +12,6 @@ from transformers import Qwen2Config, Qwen3Config
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.config import (
     hf_config_from_args,
-    llama_config_from_args,
     unsupported_args,
 )
 from sglang_megatron_loader.errors import UnsupportedCheckpointError
@@ -27,7 +26,7 @@ def stored_args(megatron_ckpt):
 
 def test_config_fields_come_from_args(stored_args) -> None:
     a = stored_args
-    c = llama_config_from_args(a, source="x")
+    c = hf_config_from_args(a, source="x")
     assert c.architectures == ["LlamaForCausalLM"]
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (
         a.num_layers,
@@ -50,17 +49,17 @@ def test_config_fields_come_from_args(stored_args) -> None:
 def test_bf16_args_and_overrides(stored_args) -> None:
     a = copy.copy(stored_args)
     a.bf16 = True
-    assert str(llama_config_from_args(a, source="x").dtype).endswith("bfloat16")
-    c = llama_config_from_args(a, source="x", overrides={"dtype": "float32", "vocab_size": 200})
+    assert str(hf_config_from_args(a, source="x").dtype).endswith("bfloat16")
+    c = hf_config_from_args(a, source="x", overrides={"dtype": "float32", "vocab_size": 200})
     assert str(c.dtype).endswith("float32") and c.vocab_size == 200
     with pytest.raises(UnsupportedCheckpointError, match="dtype override 'int8'"):
-        llama_config_from_args(a, source="x", overrides={"dtype": "int8"})
+        hf_config_from_args(a, source="x", overrides={"dtype": "int8"})
 
 
 def test_group_query_attention_off_means_mha(stored_args) -> None:
     a = copy.copy(stored_args)
     a.group_query_attention = False
-    assert llama_config_from_args(a, source="x").num_key_value_heads == a.num_attention_heads
+    assert hf_config_from_args(a, source="x").num_key_value_heads == a.num_attention_heads
 
 
 def test_every_unsupported_feature_is_listed_in_one_error(stored_args) -> None:
@@ -73,7 +72,7 @@ def test_every_unsupported_feature_is_listed_in_one_error(stored_args) -> None:
     )
     a.add_qkv_bias = True
     with pytest.raises(UnsupportedCheckpointError) as err:
-        llama_config_from_args(a, source="ckpt/iter_0000010")
+        hf_config_from_args(a, source="ckpt/iter_0000010")
     msg = str(err.value)
     for part in (
         "num_experts=8",
