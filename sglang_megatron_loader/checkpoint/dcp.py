@@ -1,12 +1,16 @@
 """Read torch.distributed.checkpoint (DCP) data as Megatron's ``torch_dist`` writes it.
 
-Only the metadata is parsed up front. A caller asks for one global slice of one tensor; only the
-chunks overlapping it are touched, and of each chunk only the contiguous byte span covering the
-overlap is read, straight into a buffer that is then copied to the destination.
+Only the metadata is parsed up front (once per process, :func:`cached_dcp_metadata`). A caller
+asks for one global slice of one tensor; only the chunks overlapping it are touched, and of each
+chunk only the bytes of the overlap are read, straight into the destination whatever its layout
+(``scatter.py``). That the chunks tile each tensor is checked once per tensor, in time linear in
+its chunks.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -14,10 +18,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from sglang_megatron_loader.checkpoint.safe_pickle import safe_loads
-from sglang_megatron_loader.checkpoint.torchzip import TensorRef, TorchZip, read_exact_into
+from sglang_megatron_loader.checkpoint import scatter
+from sglang_megatron_loader.checkpoint.dcp_metadata import DcpMetadata, read_dcp_metadata
+from sglang_megatron_loader.checkpoint.torchzip import TensorRef, TorchZip
 from sglang_megatron_loader.errors import CorruptCheckpointError, IncompleteCheckpointError
 
 Slice = tuple[tuple[int, int], ...]  # (start, stop) per dimension
@@ -78,23 +82,13 @@ class ReadStats:
 class DcpCheckpoint:
     """The tensors and bytes items of one DCP folder, read lazily by global slice."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, metadata: DcpMetadata | None = None) -> None:
+        """``metadata``: the folder's ``.metadata`` already parsed (read here when None)."""
         self.folder = folder
-        meta_path = folder / ".metadata"
-        if not meta_path.is_file():
-            raise IncompleteCheckpointError(f"{meta_path}: missing; the DCP save is incomplete")
-        meta = safe_loads(meta_path.read_bytes(), source=str(meta_path))
-        if not isinstance(meta, dcp_metadata.Metadata):
-            raise CorruptCheckpointError(
-                f"{meta_path}: expected a DCP Metadata object, found {type(meta).__name__}"
-            )
-        try:
-            self.tensors, self.bytes_items = _index(meta, meta_path)
-        except (AttributeError, TypeError, ValueError, KeyError) as exc:  # wrong field types
-            raise CorruptCheckpointError(
-                f"{meta_path}: malformed DCP metadata ({type(exc).__name__}: {exc}); the file is "
-                "damaged or not written by torch.distributed.checkpoint"
-            ) from exc
+        if metadata is None:
+            metadata = cached_dcp_metadata(folder / ".metadata")
+        self.metadata = metadata
+        self.tensors, self.bytes_items = _index(metadata)
         self.stats = ReadStats()
         self._files: dict[str, BinaryIO] = {}
         self._zips: dict[tuple[str, int], TensorRef] = {}
@@ -167,48 +161,50 @@ class DcpCheckpoint:
     def read_slice(self, key: str, region: Slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """Global ``region`` of tensor ``key``, reading only the overlapping chunk bytes.
 
-        ``out`` (shape = region extents, any dtype) receives the data if given.
+        ``out`` (shape = region extents) receives the data if given. A CPU ``out`` of the
+        stored dtype is filled in place whatever its strides, each chunk's part landing straight
+        in its columns; any other ``out`` (another dtype or device) gets one copy of the region.
         """
         info = self.tensors.get(key)
         if info is None:
             raise CorruptCheckpointError(f"{self.folder}: tensor '{key}' is not in the checkpoint")
         region = _check_region(info, region)
         extents = tuple(hi - lo for lo, hi in region)
-        if out is None:
-            out = torch.empty(extents, dtype=info.dtype)
-        parts = [(c, ov) for c in info.chunks if (ov := c.overlap(region)) is not None]
-        _check_tiling(info, region, parts, self.folder / ".metadata")
+        if out is not None and tuple(out.shape) != extents:
+            raise ValueError(f"read_slice('{key}'): out has shape {tuple(out.shape)}, region "
+                             f"{region} has {extents}")  # fmt: skip
+        direct = out is not None and out.device.type == "cpu" and out.dtype == info.dtype
+        target = out if direct else torch.empty(extents, dtype=info.dtype)
+        parts = self._grid(info).parts(region)
+        _check_cover(info, region, parts, self.folder / ".metadata")
         for chunk, ov in parts:
             dest = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(ov, region))
-            self._read_overlap_into(info, chunk, ov, out[dest])
+            self._read_overlap_into(info, chunk, ov, target[dest])
+        if out is None or direct:
+            return target
+        out.copy_(target)
         return out
 
     def _read_overlap_into(
         self, info: TensorInfo, chunk: Chunk, ov: Slice, dest: torch.Tensor
     ) -> None:
-        """Read the part ``ov`` of ``chunk`` into ``dest`` (shaped like ``ov``).
-
-        ``ov`` is read as contiguous runs of the chunk's row-major storage (one run when it is
-        a block of whole rows; one per row for a column slice, so a row-parallel shard reads
-        only its columns). Runs land straight in ``dest`` when it is contiguous CPU memory of
-        the stored dtype; otherwise in a buffer of ``ov``'s size, then ``copy_`` (casting).
-        """
+        """Read the part ``ov`` of ``chunk`` into ``dest`` (CPU, the stored dtype, shaped like
+        ``ov``, any strides) without staging: see :func:`scatter.read_box`."""
         ref = self._locate(info, chunk)
-        local = [(lo - off, hi - off) for (lo, hi), off in zip(ov, chunk.offsets)]
-        strides = _contiguous_strides(chunk.sizes)
-        itemsize = info.dtype.itemsize
-        direct = dest.dtype == info.dtype and dest.device.type == "cpu" and dest.is_contiguous()
-        buf = dest.reshape(-1) if direct else torch.empty(dest.numel(), dtype=info.dtype)
+        box = [(lo - off, hi - off) for (lo, hi), off in zip(ov, chunk.offsets)]
         f = self._file(chunk.relative_path)
-        source = str(self.folder / chunk.relative_path)
-        base = ref.storage.file_offset + ref.storage_offset * itemsize
-        pos = 0
-        for first, n in _runs(local, chunk.sizes, strides):
-            read_exact_into(f, base + first * itemsize, buf[pos : pos + n], source=source)
-            pos += n
-        if not direct:
-            dest.copy_(buf.view(dest.shape))
-        self.stats.add(pos * itemsize)
+        base = ref.storage.file_offset + ref.storage_offset * info.dtype.itemsize
+        source = f"{self.folder / chunk.relative_path} (key '{info.key}')"
+        self.stats.add(scatter.read_box(f, base, chunk.sizes, box, dest, source=source))
+
+    def _grid(self, info: TensorInfo) -> ChunkGrid:
+        """:func:`_check_tiling` of a tensor, the first time it is read (kept per reader; two
+        threads meeting a tensor at once both check it, harmlessly)."""
+        grids: dict[str, ChunkGrid] = self.__dict__.setdefault("_grids", {})
+        grid = grids.get(info.key)
+        if grid is None:
+            grid = grids[info.key] = _check_tiling(info, self.folder / ".metadata")
+        return grid
 
     def read_bytes_item(self, key: str) -> bytes:
         """The raw payload of a bytes item (e.g. ``common_state/shard_0_1``)."""
@@ -229,6 +225,32 @@ class DcpCheckpoint:
         return data
 
 
+_PARSED: dict[tuple[object, ...], DcpMetadata] = {}
+_PARSED_LOCK = threading.Lock()
+_PARSED_KEEP = 4  # iterations kept parsed per process (a hot reload adds one)
+
+
+def cached_dcp_metadata(path: Path) -> DcpMetadata:
+    """:func:`read_dcp_metadata`, parsed once per process per version of the file: SGLang's
+    config lookups, the plugin and the loader open the same checkpoint several times. A file
+    rewritten since (path, inode, size, modification or change time differ) is parsed again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_dcp_metadata(path)  # its own error for a missing file
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+           st.st_ctime_ns)  # fmt: skip
+    with _PARSED_LOCK:
+        hit = _PARSED.get(key)
+    if hit is None:
+        hit = read_dcp_metadata(path)
+        with _PARSED_LOCK:
+            _PARSED[key] = hit
+            while len(_PARSED) > _PARSED_KEEP:
+                del _PARSED[next(iter(_PARSED))]
+    return hit
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -244,24 +266,11 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _runs(
-    local: list[tuple[int, int]], sizes: tuple[int, ...], strides: tuple[int, ...]
-) -> list[tuple[int, int]]:
-    """(first element, length) of the contiguous runs covering box ``local``, in C order."""
-    k = len(sizes) - 1  # innermost dim not fully covered: runs span it and all dims after it
-    while k > 0 and local[k] == (0, sizes[k]):
-        k -= 1
-    run = (local[k][1] - local[k][0]) * strides[k]
-    starts = [local[k][0] * strides[k]]
-    for d in range(k - 1, -1, -1):
-        starts = [i * strides[d] + s for i in range(*local[d]) for s in starts]
-    return [(s, run) for s in starts]
-
-
-def _check_tiling(
+def _check_cover(
     info: TensorInfo, region: Slice, parts: list[tuple[Chunk, Slice]], source: Path
 ) -> None:
-    """The chunks overlapping ``region`` cover it exactly once: no gap, no element twice."""
+    """The chunks overlapping ``region`` hold as many elements as it has (with no two chunks
+    overlapping, see :func:`_check_tiling`, they then cover it exactly once)."""
     covered = sum(_numel(tuple(hi - lo for lo, hi in ov)) for _, ov in parts)
     wanted = _numel(tuple(hi - lo for lo, hi in region))
     if covered != wanted:
@@ -269,13 +278,101 @@ def _check_tiling(
             f"{source}: chunks of '{info.key}' cover {covered} of the {wanted} elements of "
             f"region {region}; the metadata is damaged"
         )
-    for i, (a, ova) in enumerate(parts):
-        for b, ovb in parts[i + 1 :]:
-            if all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(ova, ovb)):
-                raise CorruptCheckpointError(
-                    f"{source}: chunks of '{info.key}' at offsets {a.offsets} and {b.offsets} "
-                    "overlap; the metadata is damaged"
-                )
+
+
+GRID_CELLS = 1 << 24  # above this, chunks that are not a grid are compared pair by pair
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """A tensor's chunks on the grid their edges draw: ``cuts`` per dimension, and the chunk
+    of each cell when every chunk is one cell (every Megatron layout), else None (lookups
+    scan the chunks)."""
+
+    chunks: tuple[Chunk, ...]
+    cuts: tuple[tuple[int, ...], ...]
+    cells: dict[tuple[int, ...], Chunk] | None
+
+    def parts(self, region: Slice) -> list[tuple[Chunk, Slice]]:
+        """The chunks overlapping ``region`` and their overlaps, in time linear in those."""
+        if self.cells is None:
+            return [(c, ov) for c in self.chunks if (ov := c.overlap(region)) is not None]
+        ranges = [
+            range(bisect.bisect_right(cut, lo) - 1, bisect.bisect_left(cut, hi))
+            for cut, (lo, hi) in zip(self.cuts, region)
+        ]
+        out = []
+        for cell in itertools.product(*ranges):
+            c = self.cells.get(cell)
+            if c is not None and (ov := c.overlap(region)) is not None:
+                out.append((c, ov))
+        return out
+
+
+def _check_tiling(info: TensorInfo, source: Path) -> ChunkGrid:
+    """No element of ``info`` is in two chunks, in time linear in the chunks for a grid; the
+    grid is returned for lookups.
+
+    The distinct chunk edges per dimension cut the tensor into grid cells and each chunk into
+    whole cells. Chunks of one cell each are checked with a dict of cells; chunks spanning
+    several cells mark them in an array of owners; more than ``GRID_CELLS`` cells (edges that
+    no grid explains) fall back to comparing pairs.
+    """
+    chunks = tuple(c for c in info.chunks if 0 not in c.sizes)
+    cuts = tuple(
+        tuple(sorted({0, dim, *(c.offsets[d] for c in chunks), *(c.offsets[d] + c.sizes[d]
+                                                                    for c in chunks)}))
+        for d, dim in enumerate(info.shape)
+    )  # fmt: skip
+    where = [{x: i for i, x in enumerate(cut)} for cut in cuts]
+    boxes = [tuple((w[o], w[o + n]) for w, o, n in zip(where, c.offsets, c.sizes)) for c in chunks]
+    cells: dict[tuple[int, ...], Chunk] | None = None
+    if all(hi - lo == 1 for box in boxes for lo, hi in box):
+        cells, pair = _one_cell_each(chunks, boxes)
+    elif _numel(tuple(len(cut) - 1 for cut in cuts)) <= GRID_CELLS:
+        pair = _owners_overlap(chunks, boxes, [len(cut) - 1 for cut in cuts])
+    else:
+        pair = next(((a, b) for i, a in enumerate(chunks) for b in chunks[i + 1 :]
+                     if _boxes_meet(a, b)), None)  # fmt: skip
+    if pair is not None:
+        raise CorruptCheckpointError(
+            f"{source}: chunks of '{info.key}' at offsets {pair[0].offsets} and "
+            f"{pair[1].offsets} overlap; the metadata is damaged"
+        )
+    return ChunkGrid(chunks, cuts, cells)
+
+
+def _one_cell_each(
+    chunks: tuple[Chunk, ...], boxes: list[tuple[tuple[int, int], ...]]
+) -> tuple[dict[tuple[int, ...], Chunk], tuple[Chunk, Chunk] | None]:
+    """The chunk of each cell, and the first two chunks found in the same cell."""
+    owner: dict[tuple[int, ...], Chunk] = {}
+    for c, box in zip(chunks, boxes):
+        cell = tuple(lo for lo, _ in box)
+        if cell in owner:
+            return owner, (owner[cell], c)
+        owner[cell] = c
+    return owner, None
+
+
+def _owners_overlap(
+    chunks: tuple[Chunk, ...], boxes: list[tuple[tuple[int, int], ...]], grid_shape: list[int]
+) -> tuple[Chunk, Chunk] | None:
+    """Mark each chunk's cells in an array of owners; the first two chunks sharing one."""
+    grid = torch.full(grid_shape, -1, dtype=torch.int64)
+    for i, (c, box) in enumerate(zip(chunks, boxes)):
+        cells = grid[tuple(slice(lo, hi) for lo, hi in box)]
+        taken = cells[cells >= 0]
+        if taken.numel():
+            return chunks[int(taken[0])], c
+        cells.fill_(i)
+    return None
+
+
+def _boxes_meet(a: Chunk, b: Chunk) -> bool:
+    return all(
+        max(x, y) < min(x + m, y + n) for x, m, y, n in zip(a.offsets, a.sizes, b.offsets, b.sizes)
+    )
 
 
 def _check_region(info: TensorInfo, region: Any) -> Slice:
@@ -289,91 +386,22 @@ def _check_region(info: TensorInfo, region: Any) -> Slice:
     return region
 
 
-def _index(
-    meta: Any, source: Path
-) -> tuple[dict[str, TensorInfo], dict[str, tuple[str, int, int]]]:
-    """Join ``state_dict_metadata`` with ``storage_data`` into per-tensor chunk lists."""
-    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]] = {}
-    for idx, info in (meta.storage_data or {}).items():
-        if getattr(info, "transform_descriptors", None):
-            raise CorruptCheckpointError(
-                f"{source}: '{idx.fqn}' is stored with transforms {info.transform_descriptors} "
-                "(compression/encryption); only plain torch_dist files are supported"
-            )
-        offset = tuple(idx.offset) if idx.offset is not None else ()
-        storage[(idx.fqn, offset)] = _byte_range(idx.fqn, info, source)
+def _index(meta: DcpMetadata) -> tuple[dict[str, TensorInfo], dict[str, tuple[str, int, int]]]:
+    """Join each tensor's chunks and each bytes item with its storage entry (byte range)."""
     tensors: dict[str, TensorInfo] = {}
-    items: dict[str, tuple[str, int, int]] = {}
-    for key, md in meta.state_dict_metadata.items():
-        if not isinstance(key, str):
-            raise CorruptCheckpointError(f"{source}: key {key!r} is not a string")
-        if isinstance(md, dcp_metadata.BytesStorageMetadata):
-            info = storage.get((key, ())) or _find_any(storage, key)
-            if info is not None:
-                items[key] = info
-            continue
-        if not isinstance(md, dcp_metadata.TensorStorageMetadata):
-            raise CorruptCheckpointError(
-                f"{source}: '{key}' has unknown metadata {type(md).__name__}"
-            )
-        shape = _dims(md.size)
-        if not isinstance(md.properties.dtype, torch.dtype) or shape is None:
-            raise CorruptCheckpointError(
-                f"{source}: '{key}' has dtype {md.properties.dtype!r} and size {md.size!r}; "
-                "expected a torch dtype and non-negative integer sizes"
-            )
+    for key, t in meta.tensors.items():
         chunks = []
-        for c in md.chunks:
-            offsets, sizes = _dims(c.offsets), _dims(c.sizes)
-            if offsets is None or sizes is None or not len(offsets) == len(sizes) == len(shape):
+        for c in t.chunks:
+            r = meta.storage.get((key, c.offsets))
+            if r is None:
                 raise CorruptCheckpointError(
-                    f"{source}: chunk of '{key}' has offsets {c.offsets!r} and sizes {c.sizes!r}; "
-                    f"expected {len(shape)} non-negative integers each"
+                    f"{meta.source}: chunk of '{key}' at offsets {c.offsets} has no storage entry"
                 )
-            if any(o + n > d for o, n, d in zip(offsets, sizes, shape)):
-                raise CorruptCheckpointError(
-                    f"{source}: chunk of '{key}' at offsets {offsets} with sizes {sizes} "
-                    f"extends beyond the tensor's shape {shape}"
-                )
-            info = storage.get((key, offsets))
-            if info is None:
-                raise CorruptCheckpointError(
-                    f"{source}: chunk of '{key}' at offsets {offsets} has no storage entry"
-                )
-            chunks.append(Chunk(offsets, sizes, *info))
-        tensors[key] = TensorInfo(key, md.properties.dtype, shape, tuple(chunks))
+            chunks.append(Chunk(c.offsets, c.sizes, r.relative_path, r.offset, r.length))
+        tensors[key] = TensorInfo(key, t.dtype, t.size, tuple(chunks))
+    items: dict[str, tuple[str, int, int]] = {}
+    for key in meta.bytes_items:
+        r = meta.byte_range(key)
+        if r is not None:
+            items[key] = (r.relative_path, r.offset, r.length)
     return tensors, items
-
-
-def _dims(values: Any) -> tuple[int, ...] | None:
-    """``values`` as a tuple of non-negative ints, or None when it is anything else."""
-    if not isinstance(values, tuple | list):  # torch.Size is a tuple
-        return None
-    if not all(isinstance(v, int) and v >= 0 for v in values):
-        return None
-    return tuple(int(v) for v in values)
-
-
-def _byte_range(fqn: str, info: Any, source: Path) -> tuple[str, int, int]:
-    """``(relative_path, offset, length)`` of a storage entry, inside the checkpoint folder."""
-    rel, offset, length = info.relative_path, info.offset, info.length
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise CorruptCheckpointError(
-            f"{source}: '{fqn}' is stored in {rel!r}; expected a data file inside the "
-            "checkpoint folder (the metadata is damaged or hostile)"
-        )
-    if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
-        raise CorruptCheckpointError(
-            f"{source}: '{fqn}' has byte offset {offset!r} and length {length!r}; expected "
-            "non-negative integers"
-        )
-    return rel, offset, length
-
-
-def _find_any(
-    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int]], key: str
-) -> tuple[str, int, int] | None:
-    for (fqn, _), info in storage.items():
-        if fqn == key:
-            return info
-    return None

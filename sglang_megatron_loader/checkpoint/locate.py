@@ -129,23 +129,27 @@ def _is_plain_dcp_save(meta_path: Path) -> bool:
     megatron-core's torch_dist keeps args in ``common.pt`` or ``common_state/*`` and never
     prefixes keys, and DCP writes ``.metadata`` only once every data file is complete; so a
     torch_dist folder without ``metadata.json`` stays an incomplete save. Unreadable metadata
-    (truncated: a save in progress) counts as not; a hostile one raises UnsafePickleError.
+    (truncated: a save in progress) counts as not; a hostile one raises UnsafePickleError. Only
+    the keys are looked at: a damaged entry is reported by the reader, naming it.
     """
-    from sglang_megatron_loader.checkpoint.safe_pickle import safe_loads
+    from sglang_megatron_loader.checkpoint.dcp_standins import MetadataRecord, unpickle_dcp_metadata
 
     try:
-        meta = safe_loads(meta_path.read_bytes(), source=str(meta_path))
-        keys = list(getattr(meta, "state_dict_metadata", None) or ())
-    except (CorruptCheckpointError, OSError, TypeError):
+        meta, _ = unpickle_dcp_metadata(meta_path.read_bytes(), source=str(meta_path))
+    except (CorruptCheckpointError, OSError):
         return False
+    keys = meta.state_dict_keys() if isinstance(meta, MetadataRecord) else []
     return "args" in keys and any(isinstance(k, str) and k.startswith("model.") for k in keys)
 
 
 def find_tokenizer(location: CheckpointLocation, tokenizer_model: object = None) -> Path | None:
     """A tokenizer folder that belongs to the checkpoint: ``tokenizer/`` in the iteration folder
     or the run root (newest Megatron-LM saves one), else ``args.tokenizer_model`` when it names
-    a local folder. None when there is none."""
+    a local folder. None when there is none. The run root is also found from an ``iter_*``
+    folder given directly (the server pins a run root to its iteration folder at start)."""
     candidates = [location.iter_dir / "tokenizer", location.path / "tokenizer"]
+    if location.iter_dir.name == "release" or _ITER_RE.match(location.iter_dir.name):
+        candidates.append(location.iter_dir.parent / "tokenizer")
     if isinstance(tokenizer_model, str) and tokenizer_model:
         candidates.append(Path(tokenizer_model).expanduser())
     return next((c for c in candidates if c.is_dir()), None)

@@ -3,7 +3,8 @@
 Nothing outside ``_ALLOWED`` is ever imported or called. ``megatron.*`` classes (enums, configs
 saved inside ``args``) become inert :class:`MegatronPlaceholder` objects, so megatron-core need
 not be installed and cannot be reached through a hostile file. Any other global raises
-:class:`UnsafePickleError` naming the file and the global.
+:class:`UnsafePickleError` naming the file and the global. DCP ``.metadata`` adds its own inert
+stand-ins for torch's DCP classes on top (``dcp_metadata``), never torch's classes themselves.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import collections
 import io
 import pathlib
 import pickle
+import signal
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint import planner as dcp_planner
 
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsafePickleError
 
@@ -57,12 +56,6 @@ def _placeholder(qualname: str) -> type:
     return _PLACEHOLDERS[qualname]
 
 
-class MCoreSavePlanPlaceholder(MegatronPlaceholder):
-    """Stand-in for ``MCoreSavePlan`` (mcore <= 0.14 ``.metadata``)."""
-
-    _qualname = "megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan"
-
-
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "FloatStorage": torch.float32,
     "DoubleStorage": torch.float64,
@@ -95,47 +88,13 @@ def _dtype_globals() -> dict[tuple[str, str], Any]:
     return out
 
 
-def _dcp_globals() -> dict[tuple[str, str], Any]:
-    mod = "torch.distributed.checkpoint.metadata"
-    out: dict[tuple[str, str], Any] = {
-        (mod, name): getattr(dcp_metadata, name)
-        for name in (
-            "Metadata",
-            "MetadataIndex",
-            "TensorStorageMetadata",
-            "BytesStorageMetadata",
-            "ChunkStorageMetadata",
-            "TensorProperties",
-            "StorageMeta",
-            "_MEM_FORMAT_ENCODING",
-        )
-        if hasattr(dcp_metadata, name)
-    }
-    out[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_filesystem._StorageInfo
-    planner = "torch.distributed.checkpoint.planner"
-    for name in (
-        "SavePlan",
-        "WriteItem",
-        "WriteItemType",
-        "TensorWriteData",
-        "LoadPlan",
-        "ReadItem",
-        "LoadItemType",
-    ):
-        if hasattr(dcp_planner, name):
-            out[(planner, name)] = getattr(dcp_planner, name)
-    # mcore 0.15 subclassed Metadata; older versions pickled their own save plan.
-    strat = "megatron.core.dist_checkpointing.strategies.torch"
-    out[(strat, "MCoreMetadata")] = dcp_metadata.Metadata
-    out[(strat, "MCoreSavePlan")] = MCoreSavePlanPlaceholder
-    return out
-
-
 def _plain_globals() -> dict[tuple[str, str], Any]:
     return {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("argparse", "Namespace"): argparse.Namespace,
         ("types", "SimpleNamespace"): types.SimpleNamespace,
+        # Megatron-LM >= 0.16 args hold exit_signal=signal.SIGTERM (an IntEnum member)
+        ("signal", "Signals"): signal.Signals,
         ("pathlib", "PosixPath"): pathlib.PurePosixPath,
         ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
         ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
@@ -175,7 +134,7 @@ def _reconstructor(cls: type, base: type, state: Any) -> Any:
     return object.__new__(cls)
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {**_plain_globals(), **_dtype_globals(), **_dcp_globals()}
+_ALLOWED: dict[tuple[str, str], Any] = {**_plain_globals(), **_dtype_globals()}
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -225,7 +184,7 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def safe_loads(data: bytes | io.BufferedIOBase, *, source: str) -> Any:
-    """Unpickle a plain pickle (DCP ``.metadata``) through the allow-list."""
+    """Unpickle a plain pickle through the allow-list (``.metadata``: see ``dcp_metadata``)."""
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
         return SafeUnpickler(stream, source=source).load()

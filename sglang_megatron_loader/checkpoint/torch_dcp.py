@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sglang_megatron_loader.checkpoint.dcp import DcpCheckpoint
+from sglang_megatron_loader.checkpoint.dcp_metadata import DcpMetadata
 from sglang_megatron_loader.checkpoint.torchzip import load_torch_bytes
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
@@ -27,8 +28,8 @@ class TorchDcpCheckpoint(DcpCheckpoint):
     """A torch_dcp iteration folder seen as torch_dist's reader sees its folder: tensors keyed
     by their mcore names (the ``model.`` prefix dropped) and the common state from the items."""
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(folder)
+    def __init__(self, folder: Path, metadata: DcpMetadata | None = None) -> None:
+        super().__init__(folder, metadata)
         self.common = self._read_common()
         _refuse_rank_local_layouts(self.common["args"], folder)
         renamed = {}

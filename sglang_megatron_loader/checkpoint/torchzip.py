@@ -312,7 +312,8 @@ def materialise(f: BinaryIO, ref: TensorRef) -> torch.Tensor:
 
 def read_exact_into(f: BinaryIO, offset: int, out: torch.Tensor, *, source: str) -> int:
     """Fill contiguous ``out`` with the bytes of ``f`` at ``offset``; error if the file is short."""
-    view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    flat = out.reshape(-1).view(torch.uint8)  # bytes: an n-d memoryview counts rows
+    view = memoryview(flat.numpy()) if out.numel() else memoryview(b"")
     done = 0
     while done < len(view):
         n = os.preadv(f.fileno(), [view[done:]], offset + done)

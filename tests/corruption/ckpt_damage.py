@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from sglang_megatron_loader import engine
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.checkpoint.integrity import verify_integrity
-from sglang_megatron_loader.checkpoint.safe_pickle import MegatronPlaceholder, safe_loads
+from sglang_megatron_loader.checkpoint.safe_pickle import MegatronPlaceholder
 from sglang_megatron_loader.config import hf_config_from_args
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
@@ -42,8 +42,10 @@ def data_file(root: Path) -> Path:
 
 # -- .metadata ---------------------------------------------------------------------------------
 def read_metadata(root: Path) -> Metadata:
-    path = iter_dir(root) / ".metadata"
-    return safe_loads(path.read_bytes(), source=str(path))
+    """The fixture's ``.metadata`` as torch's own objects, to edit and write back. Plain
+    ``pickle`` on purpose: the file is our fixture, and the package reads ``.metadata`` into
+    stand-ins, never into these classes (``checkpoint/dcp_metadata.py``)."""
+    return pickle.loads((iter_dir(root) / ".metadata").read_bytes())
 
 
 def write_metadata(root: Path, meta: Metadata) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import pickle
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,13 +125,16 @@ def test_hostile_extra_state_payload_is_never_unpickled(ckpt_copy, tmp_path: Pat
 
 
 def test_real_megatron_enums_load_as_inert_placeholders(megatron_ckpt) -> None:
-    """The fixture's args were saved by megatron-core with real ``AttnBackend``/``ModelType``."""
+    """The fixture's args (a real Megatron-LM run's) were saved with real megatron enums
+    (``AttnBackend``, ``InferenceCudaGraphScope``) and ``signal.Signals`` (``exit_signal``)."""
     with MegatronCheckpoint(megatron_ckpt("fp32_tp1")) as ckpt:
-        backend, model_type = ckpt.args.attention_backend, ckpt.args.model_type
-    assert isinstance(backend, MegatronPlaceholder) and isinstance(model_type, MegatronPlaceholder)
+        backend, scope = ckpt.args.attention_backend, ckpt.args.inference_cuda_graph_scope
+        exit_signal = ckpt.args.exit_signal
+    assert isinstance(backend, MegatronPlaceholder) and isinstance(scope, MegatronPlaceholder)
     assert type(backend)._qualname == "megatron.core.transformer.enums.AttnBackend"
     assert backend.args == (5,)  # AttnBackend.auto
-    assert repr(model_type) == "<megatron.core.enums.ModelType(1)>"
+    assert repr(scope) == "<megatron.core.transformer.enums.InferenceCudaGraphScope(1)>"
+    assert exit_signal is signal.SIGTERM  # an IntEnum member: allow-listed, harmless to build
 
 
 @dataclasses.dataclass

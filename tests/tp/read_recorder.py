@@ -1,8 +1,10 @@
 """Test-only: what one ``--load-format megatron`` build reads from the checkpoint folder.
 
 Used inside the rank processes of ``harness.py``. Everything is observed from outside the
-package: ``os.pread``/``os.preadv`` on the folder's files, and wrappers around the loader's
-``load_model``/``load_weights_into``/``plan_rank`` and the reader's ``DcpCheckpoint``.
+package: ``os.pread``/``os.preadv`` on the folder's files (and the runs of the mapped copies that
+read column slices, ``scatter.read_mapped``), the ``.metadata`` parses behind the reader's
+per-process cache (``dcp.read_dcp_metadata``), and wrappers around the loader's
+``load_model``/``load_weights_into``/``execute_plan`` and the reader's ``read_slice``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ class ReadRecorder:
 
     ``os.pread``/``os.preadv`` calls on files under the folder are logged with the phase they
     happen in (``config``: resolving the model config, ``load``: inside the loader's
-    ``load_model``); ``.metadata`` parses are counted per phase; the loader's plan and the
-    reader's own ``bytes_read`` counter for the weights are captured around the load.
+    ``load_model``); ``.metadata`` parses are counted per phase; the plan the loader executes
+    and the reader's own ``bytes_read`` counter for the weights are captured around the load.
     """
 
     def __init__(self, folder: str) -> None:
@@ -48,7 +50,7 @@ class ReadRecorder:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[ReadRecorder]:
-        from sglang_megatron_loader.checkpoint import dcp
+        from sglang_megatron_loader.checkpoint import dcp, scatter
         from sglang_megatron_loader.sglang import loader
 
         rec = self
@@ -79,10 +81,23 @@ class ReadRecorder:
 
             return wrapped
 
-        def dcp_init(original: Any) -> Any:
-            def wrapped(self: Any, folder: Any) -> None:
+        def read_mapped(original: Any) -> Any:
+            def wrapped(f: Any, base: int, sizes: Any, box: Any, dest: Any, **kw: Any) -> None:
+                original(f, base, sizes, box, dest, **kw)  # a column slice: no preadv
+                path = rec._path(f.fileno())
+                if path:
+                    size = dest.element_size()
+                    for first, n in scatter.file_runs(sizes, box):
+                        rec.reads.append(
+                            (rec.phase, "data", rec._rel(path), base + first * size, n * size)
+                        )
+
+            return wrapped
+
+        def parse(original: Any) -> Any:
+            def wrapped(path: Any) -> Any:
                 rec.metadata_parses[rec.phase] = rec.metadata_parses.get(rec.phase, 0) + 1
-                original(self, folder)
+                return original(path)
 
             return wrapped
 
@@ -97,9 +112,9 @@ class ReadRecorder:
             return wrapped
 
         def load_weights_into(original: Any) -> Any:
-            def wrapped(self: Any, model: Any, ckpt: Any, dims: Any) -> None:
+            def wrapped(self: Any, model: Any, ckpt: Any, dims: Any, *args: Any) -> None:
                 before = ckpt.dcp.stats.bytes_read
-                original(self, model, ckpt, dims)
+                original(self, model, ckpt, dims, *args)
                 rec.weight_bytes = ckpt.dcp.stats.bytes_read - before
 
             return wrapped
@@ -114,20 +129,21 @@ class ReadRecorder:
 
             return wrapped
 
-        def plan_rank(original: Any) -> Any:
-            def wrapped(*args: Any, **kwargs: Any) -> Any:
-                rec.plan = original(*args, **kwargs)
-                return rec.plan
+        def execute_plan(original: Any) -> Any:
+            def wrapped(ckpt: Any, plan: Any, *args: Any, **kwargs: Any) -> Any:
+                rec.plan = plan  # the plan the load executes
+                return original(ckpt, plan, *args, **kwargs)
 
             return wrapped
 
         patch(os, "pread", pread)
         patch(os, "preadv", preadv)
-        patch(dcp.DcpCheckpoint, "__init__", dcp_init)
+        patch(scatter, "read_mapped", read_mapped)
+        patch(dcp, "read_dcp_metadata", parse)  # the parse behind the per-process cache
         patch(dcp.DcpCheckpoint, "read_slice", read_slice)
         patch(loader.MegatronModelLoader, "load_model", load_model)
         patch(loader.MegatronModelLoader, "load_weights_into", load_weights_into)
-        patch(loader, "plan_rank", plan_rank)  # the name the loader calls
+        patch(loader, "execute_plan", execute_plan)  # the name the loader calls
         try:
             yield self
         finally:

@@ -1,6 +1,7 @@
-"""Golden copies: committed checkpoints written by older megatron-core releases (0.14 to 0.19).
+"""Golden copies: committed checkpoints written by older megatron-core releases (0.14 to 0.19)
+and by a newer torch than the venv's (``torch_2.15``: DCP metadata torch 2.14 cannot unpickle).
 
-Each copy (``tests/fixtures/golden/mcore_<version>/<variant>/``, see its README) is read by this
+Each copy (``tests/fixtures/golden/{mcore,torch}_<version>/<variant>/``, see its README) is read by
 package without megatron, planned and loaded at serving TP1 and for both ranks of TP2, and a
 plain-torch Llama forward over the loaded parameters (TP2: each rank's heads and ffn columns,
 partial sums added, vocab-parallel logits concatenated, as SGLang computes) must reproduce the
@@ -26,7 +27,11 @@ from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import plan_rank
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "golden"
-COPIES = sorted(p.parent for p in GOLDEN.glob("mcore_*/*/latest_checkpointed_iteration.txt"))
+COPIES = sorted(
+    p.parent
+    for pattern in ("mcore_*", "torch_*")
+    for p in GOLDEN.glob(f"{pattern}/*/latest_checkpointed_iteration.txt")
+)
 # Megatron's forward ran in the checkpoint dtype; ours runs in fp32 over the same weights.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1}
 
@@ -48,6 +53,14 @@ FORMATS = {
     "0.16": Layout(4, True, 2, (), "megatron-core 0.16 to 0.18"),
     "0.18": Layout(4, True, 1, (), "megatron-core 0.16 to 0.18"),
     "0.19": Layout(2, False, 1, (), "megatron-core >= 0.19"),
+    # megatron-core 0.19.2 under torch 2.15: TensorProperties pickles a sixth value, strides
+    "torch 2.15": Layout(
+        2,
+        False,
+        1,
+        (),
+        "megatron-core >= 0.19 (common state inside the DCP), DCP metadata of torch >= 2.15",
+    ),
 }
 
 
@@ -56,7 +69,10 @@ def _id(root: Path) -> str:
 
 
 def _release(root: Path) -> str:
-    return ".".join(root.parent.name.removeprefix("mcore_").split(".")[:2])
+    """``FORMATS`` key: the megatron-core release, or ``torch X.Y`` for a newer-torch copy."""
+    kind, version = root.parent.name.split("_", 1)
+    release = ".".join(version.split(".")[:2])
+    return release if kind == "mcore" else f"{kind} {release}"
 
 
 def _reference(root: Path) -> dict:
@@ -68,8 +84,10 @@ def test_every_release_has_a_golden_copy_and_layouts_are_covered() -> None:
     names = {r.name for r in COPIES}
     assert any("tp2" in n for n in names) and any("pp2" in n for n in names)
     assert any(n.startswith("bf16") for n in names) and any(n.startswith("fp32") for n in names)
+    # megatron-core releases + torch 2.15 ~3.1 MB, Megatron-Bridge saves with their source HF
+    # models ~2.5 MB: the whole golden tree stays small enough to commit
     size = sum(f.stat().st_size for f in GOLDEN.rglob("*") if f.is_file())
-    assert size < 5_000_000, size
+    assert size < 6_500_000, size
 
 
 @pytest.mark.parametrize("root", COPIES, ids=_id)
@@ -89,7 +107,9 @@ def test_reader_parses_each_release_layout(root: Path) -> None:
         assert ckpt.location.format == "torch_dist" and ckpt.common["iteration"] == 10
         assert want.writer in writer_version(ckpt)
         assert ckpt.args.num_layers == 2 and ckpt.args.num_query_groups == 2
-        assert ref["megatron_core_version"].startswith(root.parent.name.removeprefix("mcore_"))
+        kind, version = root.parent.name.split("_", 1)
+        recorded = ref["megatron_core_version" if kind == "mcore" else "torch_version"]
+        assert recorded.startswith(version), (recorded, version)
         model = [k for k in ckpt.tensors if not LLAMA.is_ignored(k)]
         assert len(model) == 9  # embedding, 6 stacked layer tensors, final norm, output layer
 
