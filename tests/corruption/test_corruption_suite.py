@@ -167,7 +167,7 @@ def _tracker(text: str) -> Callable[[Path], None]:
 def _legacy_format(root: Path) -> None:
     it = _it(root)
     for child in it.iterdir():
-        child.unlink()
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
     (it / "mp_rank_00").mkdir()
     torch.save({"model": {}}, it / "mp_rank_00" / "model_optim_rng.pt")
 
@@ -534,7 +534,8 @@ CASES: list[Case] = [
         "common state re-saved without 'args'",
         _common_without_args,
         CorruptCheckpointError,
-        r"item 'common_state/shard_0_1', bytes \d+\.\.\d+\): no 'args' in the common state",
+        r"iter_0000010: no 'args' in the common state \(keys: \['checkpoint_version', .*\) and no "
+        r"run_config\.yaml; the model config cannot be derived",
     ),
     Case(
         "common_pt_garbage",
@@ -588,8 +589,8 @@ CASES: list[Case] = [
         "common.pt args say vocab_size=300, the embedding holds 256 rows",
         _args(vocab_size=300),
         WeightMismatchError,
-        r"checkpoint tensor 'embedding\.word_embeddings\.weight': config vocab_size 300 exceeds "
-        r"the 256 stored rows",
+        r"iter_0000010: a vocabulary of 300 tokens \(args\.vocab_size\) does not fit the 256 rows "
+        r"of 'embedding\.word_embeddings\.weight'",
     ),
     Case(
         "args_missing_num_layers",
@@ -617,7 +618,7 @@ CASES: list[Case] = [
         "common.pt args say num_experts=8, qk_layernorm=True, add_qkv_bias=True",
         _args(num_experts=8, qk_layernorm=True, add_qkv_bias=True),
         UnsupportedCheckpointError,
-        r"does not serve:\n  num_experts=8 \(mixture-of-experts\)\n  "
+        r"does not serve:\n  num_experts=8 \(mixture-of-experts\); accepted: None or 0\n  "
         r"qk_layernorm=True with add_qkv_bias=True",
     ),
     Case(
@@ -625,8 +626,43 @@ CASES: list[Case] = [
         "common.pt args say normalization='LayerNorm', rotary_interleaved=True",
         _args(normalization="LayerNorm", rotary_interleaved=True),
         UnsupportedCheckpointError,
-        r"normalization='LayerNorm' \(normalization other than RMSNorm\)\n  "
-        r"rotary_interleaved=True",
+        r"normalization='LayerNorm' \(normalization other than RMSNorm\); served: 'RMSNorm'\n  "
+        r"rotary_interleaved=True \(interleaved rotary embedding\); accepted: None or False",
+    ),
+    Case(
+        "math_arg_qk_l2_norm",
+        "common.pt args set qk_l2_norm=True (changes the forward, adds no tensor)",
+        _args(qk_l2_norm=True),
+        UnsupportedCheckpointError,
+        r"does not serve:\n  qk_l2_norm=True \(",
+    ),
+    Case(
+        "math_arg_softmax_type",
+        "common.pt args set softmax_type=learnable (changes the forward, adds no tensor)",
+        _args(softmax_type="learnable"),
+        UnsupportedCheckpointError,
+        r"does not serve:\n  softmax_type='learnable' \(",
+    ),
+    Case(
+        "math_arg_glu_linear_offset",
+        "common.pt args set glu_linear_offset=1.0 (changes the forward, adds no tensor)",
+        _args(glu_linear_offset=1.0),
+        UnsupportedCheckpointError,
+        r"does not serve:\n  glu_linear_offset=1\.0 \(",
+    ),
+    Case(
+        "math_arg_activation_func_clamp_value",
+        "common.pt args set activation_func_clamp_value=7.0 (changes the forward, adds no tensor)",
+        _args(activation_func_clamp_value=7.0),
+        UnsupportedCheckpointError,
+        r"does not serve:\n  activation_func_clamp_value=7\.0 \(",
+    ),
+    Case(
+        "math_arg_no_rope_freq",
+        "common.pt args set no_rope_freq=4 (changes the forward, adds no tensor)",
+        _args(no_rope_freq=4),
+        UnsupportedCheckpointError,
+        r"does not serve:\n  no_rope_freq=4 \(",
     ),
     # -- target tensor parallelism (planning) --------------------------------------------------
     Case(

@@ -3,7 +3,7 @@ hostile checkpoints: it exits non-zero within a bounded time and its log carries
 own message (not only a traceback from deep inside SGLang). TP>1 cannot start on this CPU, so
 the TP cases stay in the table test.
 
-Five server starts, ~15-40 s each on 2 cores.
+Six server starts, ~15-40 s each on 2 cores.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ SERVER_CASES = [
     "truncated_distcp_tail",  # found while reading tensors, in the scheduler process
     "hostile_dot_metadata",
     "unsupported_moe_qk_layernorm",
+    "math_arg_qk_l2_norm",  # an arg that changes the math without adding a tensor
 ]
 
 

@@ -34,4 +34,4 @@ def test_rope_scaling_change_is_named(megatron_ckpt) -> None:
         config(megatron_ckpt, "fp32_tp1"), config(megatron_ckpt, "rope_scaling_fp32_tp1")
     )
     assert problem.startswith("rope: serving {'rope_type': 'default'")
-    assert "'rope_type': 'llama3'" in problem and "'factor': 32.0" in problem
+    assert "'rope_type': 'llama3'" in problem and "'factor': 8.0" in problem
