@@ -641,6 +641,11 @@ def save_checkpoint(
         validate_access_integrity=True,
         content_metadata=_clean_metadata_for_serialization(metadata),
     )
+    # the run's tokenizer, as newer Megatron-LM saves it (args.vocab_size is unset in such runs;
+    # the loader takes the true vocabulary from here)
+    from make_tokenizer import make_tokenizer
+
+    make_tokenizer(iter_dir / "tokenizer", spec.shape.vocab_size)
     (run_root / fx.TRACKER_FILENAME).write_text(str(spec.iteration))
     return iter_dir
 

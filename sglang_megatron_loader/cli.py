@@ -14,7 +14,7 @@ from sglang_megatron_loader.errors import MegatronLoaderError
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     from sglang_megatron_loader.inspect_ckpt import format_text, inspect
 
-    info, plans = inspect(ns.checkpoint, ns.tp)
+    info, plans = inspect(ns.checkpoint, ns.tp, tokenizer=ns.tokenizer)
     if ns.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -31,7 +31,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
 
     overrides = json.loads(ns.override) if ns.override else None
     with MegatronCheckpoint(ns.checkpoint) as ckpt:
-        stream = HfStream(ckpt, overrides)
+        stream = HfStream(ckpt, overrides, tokenizer=ns.tokenizer)
         if ns.format == "hf":
             report = export_hf(
                 stream,
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=0, help="show the plan for this target TP size")
     p.add_argument("--show-plan", action="store_true", help="print every parameter's reads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer folder that sets the true vocabulary (default: the checkpoint's own)",
+    )
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("export", help="write a Hugging Face folder or a plain PyTorch .pt")
@@ -89,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output folder (hf) or file (pytorch)")
     p.add_argument("--format", choices=("hf", "pytorch"), default="hf")
     p.add_argument("--shard-size", type=float, default=5.0, help="GB per safetensors shard")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy (hf format)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer folder to copy (hf format); it also sets the true vocabulary when the "
+        "checkpoint does not record it (default: the checkpoint's own tokenizer)",
+    )
     p.add_argument("--override", help="JSON config overrides, e.g. '{\"vocab_size\": 128256}'")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_export)

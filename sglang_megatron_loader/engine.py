@@ -3,19 +3,24 @@ dims, check its keys against the table, and execute a rank plan into destination
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sglang_megatron_loader.arg_policy import SERVED
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint, resolve
-from sglang_megatron_loader.config import ModelDims, hf_config_from_args
-from sglang_megatron_loader.errors import WeightMismatchError
+from sglang_megatron_loader.checkpoint.bridge import RUN_CONFIG
+from sglang_megatron_loader.checkpoint.locate import find_tokenizer
+from sglang_megatron_loader.config import ModelDims, hf_config_from_args, unsupported_args
+from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.models.table import ModelTable
@@ -26,6 +31,8 @@ from sglang_megatron_loader.planner import (
     check_checkpoint_keys,
     plan_rank,
 )
+from sglang_megatron_loader.staging import Stager
+from sglang_megatron_loader.vocab import resolve_vocab
 
 logger = logging.getLogger("sglang_megatron_loader")
 
@@ -35,12 +42,75 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _CONFIG_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
-def hf_config_for(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
-    """The transformers config of the checkpoint at ``path`` (metadata and args only).
+def checkpoint_refusals(ckpt: MegatronCheckpoint, ignore: Collection[str] = ()) -> list[str]:
+    """What the checkpoint's config uses that the loader does not serve, each named with its
+    value; judged on the config as written (Megatron-LM args or Megatron-Bridge fields).
+
+    ``ignore``: refused or unknown names the user chose to serve anyway (``ignore_args``); a
+    name the model is built from cannot be ignored.
+    """
+    built_from = sorted(set(ignore) & set(SERVED))
+    if built_from:
+        raise UnsupportedCheckpointError(
+            f"ignore_args {built_from}: the served model is built from these; only refused or "
+            "unknown args can be ignored"
+        )
+    if ckpt.run_config is not None:
+        return unsupported_args(
+            argparse.Namespace(**ckpt.run_config), naming="transformer_config", ignore=ignore
+        )
+    return unsupported_args(ckpt.args, ignore=ignore)
+
+
+def checkpoint_hf_config(
+    ckpt: MegatronCheckpoint,
+    overrides: dict[str, Any] | None = None,
+    tokenizer: str | Path | None = None,
+    ignore_args: Collection[str] = (),
+) -> Any:
+    """The transformers config SGLang serves for ``ckpt``.
+
+    The model fields come from the checkpoint's own config (Megatron-LM ``args`` or a
+    Megatron-Bridge ``run_config.yaml``), refused by name where it uses what the loader does not
+    serve; the vocabulary is the true one (:func:`resolve_vocab`): the override, the config's
+    ``vocab_size``, else ``tokenizer`` (default: the checkpoint's own, see ``find_tokenizer``).
+    """
+    overrides = dict(overrides or {})
+    emb = ckpt.tensors.get(EMBEDDING_KEY)
+    if emb is None:
+        raise WeightMismatchError(f"{ckpt.source}: checkpoint has no '{EMBEDDING_KEY}'")
+    if tokenizer is None:
+        tokenizer = find_tokenizer(ckpt.location, getattr(ckpt.args, "tokenizer_model", None))
+    override = overrides.get("vocab_size")
+    vocab = resolve_vocab(
+        ckpt.args,
+        stored_rows=emb.shape[0],
+        tokenizer=tokenizer,
+        override=override if isinstance(override, int) and override > 0 else None,
+        source=ckpt.source,
+        declared_as=f"{RUN_CONFIG} model.vocab_size" if ckpt.run_config else "args.vocab_size",
+    )
+    return hf_config_from_args(
+        ckpt.args,
+        source=ckpt.source,
+        overrides=overrides,
+        vocab=vocab,
+        refused=checkpoint_refusals(ckpt, ignore_args),
+        honours_rope_factor=ckpt.writer == "megatron-bridge",
+    )
+
+
+def hf_config_for(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
+    ignore_args: Collection[str] = (),
+) -> Any:
+    """:func:`checkpoint_hf_config` of the checkpoint at ``path`` (metadata and config only).
 
     SGLang asks for the config several times per start; the answer is cached per resolved
-    iteration folder and ``.metadata`` identity, so a new iteration (hot reload) is re-read.
-    A copy is returned: callers may modify it.
+    iteration folder, ``.metadata`` identity and tokenizer, so a new iteration (hot reload) is
+    re-read. A copy is returned: callers may modify it.
     """
     import copy
     import json
@@ -58,12 +128,12 @@ def hf_config_for(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         meta and meta.st_mtime_ns,
         meta and meta.st_size,
         json.dumps(overrides or {}, sort_keys=True, default=str),
+        tokenizer,
+        tuple(sorted(ignore_args)),
     )
     if meta is None or key not in _CONFIG_CACHE:
         with MegatronCheckpoint(iter_dir) as ckpt:
-            _CONFIG_CACHE[key] = hf_config_from_args(
-                ckpt.args, source=ckpt.source, overrides=overrides
-            )
+            _CONFIG_CACHE[key] = checkpoint_hf_config(ckpt, overrides, tokenizer, ignore_args)
     return copy.deepcopy(_CONFIG_CACHE[key])
 
 
@@ -72,6 +142,15 @@ def dims_for(
 ) -> ModelDims:
     """Dims from the (possibly overridden) HF config, the stored vocab rows from the tensors;
     every stored key and shape is checked against ``table`` (default: the config's own)."""
+    return plan_checkpoint(ckpt, hf_config, Tp(0, 1), table)[0]
+
+
+def plan_checkpoint(
+    ckpt: MegatronCheckpoint, hf_config: Any, tp: Tp, table: ModelTable | None = None
+) -> tuple[ModelDims, RankPlan]:
+    """:func:`dims_for` and the plan of rank ``tp`` of the whole (single-stage) model, made by
+    the same pass that checks every stored shape: a load plans once. A TP size that cannot
+    split the model is refused here, naming the dimension."""
     table = table or table_for(hf_config)
     emb = ckpt.tensors.get(EMBEDDING_KEY)
     if emb is None:
@@ -79,10 +158,10 @@ def dims_for(
     dims = ModelDims.from_hf_config(hf_config, padded_vocab_size=emb.shape[0])
     try:
         check_checkpoint_keys(table, dims, ckpt.tensors)
-        plan_rank(table, dims, ckpt.tensors, Tp(0, 1))  # every stored shape against the args
+        plan = plan_rank(table, dims, ckpt.tensors, tp)  # every stored shape against the args
     except WeightMismatchError as exc:
         raise WeightMismatchError(f"{ckpt.source}: {exc}") from exc
-    return dims
+    return dims, plan
 
 
 @dataclass
@@ -96,7 +175,8 @@ class LoadReport:
         return self.bytes_read / max(self.seconds, 1e-9) / 1e9
 
 
-STAGING_BYTES = 64 * 2**20  # largest single read; bounds host staging memory per thread
+STAGING_BYTES = 64 * 2**20  # largest single read; bounds host staging memory per buffer
+THREADS = 4  # default reader threads (file reads and copies release the GIL)
 
 
 def split_read(read: Read, param_ndim: int, itemsize: int, max_bytes: int) -> list[Read]:
@@ -109,7 +189,8 @@ def split_read(read: Read, param_ndim: int, itemsize: int, max_bytes: int) -> li
     for a in range(lo, hi, step):
         b = min(a + step, hi)
         region = (*read.region[:row_dim], (a, b), *read.region[row_dim + 1 :])
-        out.append(Read(read.key, region, (read.dst[0] + a - lo, read.dst[0] + b - lo)))
+        dst = (read.dst[0] + a - lo, read.dst[0] + b - lo)
+        out.append(Read(read.key, region, dst, read.dst_lead))
     return out
 
 
@@ -119,16 +200,18 @@ def execute_plan(
     destination: Callable[[ParamPlan], torch.Tensor],
     *,
     progress: bool = True,
-    threads: int = 4,
+    threads: int = THREADS,
     max_read_bytes: int = STAGING_BYTES,
+    staging: bool = False,
 ) -> LoadReport:
     """Fill each parameter's destination tensor from the checkpoint.
 
-    Reads are cut to at most ``max_read_bytes`` and run on ``threads`` threads (file reads and
-    copies release the GIL). A read lands directly in the parameter when it is contiguous CPU
-    memory of the stored dtype; otherwise it goes through a buffer of at most
-    ``max_read_bytes``, so host staging memory is bounded by ``threads * max_read_bytes``
-    whatever the model size. A parameter on an accelerator gets each block copied from it.
+    Reads are cut to at most ``max_read_bytes`` and run on ``threads`` threads. A read lands
+    directly in a CPU parameter of the stored dtype, whatever its layout (no host copy). Any
+    other parameter (on a GPU, or of another dtype) is filled through ``threads + 2`` reused
+    host buffers of ``max_read_bytes`` (pinned for a GPU; asynchronous copies overlapped with
+    the next reads; casts on the device): see :class:`Stager`. ``staging=True`` sends every
+    read through the buffers (tests of that path on a CPU).
     """
     from tqdm import tqdm
 
@@ -142,6 +225,7 @@ def execute_plan(
         mininterval=1.0,
     )
     jobs: list[tuple[Read, torch.Tensor]] = []
+    devices: set[torch.device] = set()
     for p in plan.params:
         dest = destination(p)
         if tuple(dest.shape) != p.shape:
@@ -150,28 +234,35 @@ def execute_plan(
                 f"{plan.tp.rank}/{plan.tp.size}, the checkpoint plan gives {p.shape}"
             )
         itemsize = ckpt.tensors[p.reads[0].key].dtype.itemsize if p.reads else 1
+        devices.add(dest.device)
         for r in p.reads:
-            jobs += [(sub, dest) for sub in split_read(r, dest.dim(), itemsize, max_read_bytes)]
+            ndim = dest.dim() - len(r.dst_lead)  # a fused expert weight: rows of one expert
+            jobs += [(sub, dest) for sub in split_read(r, ndim, itemsize, max_read_bytes)]
         if p.zero_rows:
             dest[p.zero_rows[0] : p.zero_rows[1]].zero_()
+    stager = Stager(threads + 2, max_read_bytes, devices)
 
     def run(job: tuple[Read, torch.Tensor]) -> None:
         r, dest = job
-        rows = dest[r.dst[0] : r.dst[1]]
+        rows = dest[r.dst_lead][r.dst[0] : r.dst[1]]
         extents = tuple(hi - lo for lo, hi in r.region)
-        if rows.device.type == "cpu" and rows.is_contiguous():
+        dtype = ckpt.tensors[r.key].dtype
+        if not staging and rows.device.type == "cpu" and rows.dtype == dtype:
             ckpt.dcp.read_slice(r.key, r.region, out=rows.view(extents))
         else:
-            rows.copy_(ckpt.dcp.read_slice(r.key, r.region).view(rows.shape))
-        bar.update(r.numel() * ckpt.tensors[r.key].dtype.itemsize)
+            stager.stage(rows, dtype, extents, partial(ckpt.dcp.read_slice, r.key, r.region))
+        bar.update(r.numel() * dtype.itemsize)
 
-    if threads > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="megatron-read") as pool:
-            for _ in pool.map(run, jobs):
-                pass
-    else:
-        for job in jobs:
-            run(job)
+    try:
+        if threads > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="megatron-read") as pool:
+                for _ in pool.map(run, jobs):
+                    pass
+        else:
+            for job in jobs:
+                run(job)
+    finally:
+        stager.finish()
     bar.close()
     return LoadReport(
         time.perf_counter() - start, ckpt.dcp.stats.bytes_read - before, len(plan.params)

@@ -6,17 +6,18 @@ Metadata only: ``.metadata``, ``metadata.json`` and the (small) common state; no
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import hf_config_from_args, unsupported_args
-from sglang_megatron_loader.engine import dims_for
+from sglang_megatron_loader.engine import checkpoint_hf_config, checkpoint_refusals, dims_for
 from sglang_megatron_loader.errors import MegatronLoaderError
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.llama import LLAMA
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import RankPlan, plan_rank
 
+_MCORE_STRATEGY = "megatron.core.dist_checkpointing.strategies.torch"
 TRAINING_LAYOUT_ARGS = (
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
@@ -33,14 +34,19 @@ def writer_version(ckpt: MegatronCheckpoint) -> str:
         version = ckpt.common.get("checkpoint_version")
         return f"Megatron-LM --ckpt-format torch (per-rank files, checkpoint_version {version})"
     if ckpt.location.format == "torch_dcp":
-        return "Megatron-LM --ckpt-format torch_dcp (plain PyTorch DCP, FSDP2 training)"
+        plain = "Megatron-LM --ckpt-format torch_dcp (plain PyTorch DCP, FSDP2 training)"
+        return plain + _torch_generation(ckpt)
+    return _mcore_generation(ckpt) + _torch_generation(ckpt)
+
+
+def _mcore_generation(ckpt: MegatronCheckpoint) -> str:
     legacy_common = (ckpt.location.iter_dir / "common.pt").is_file()
     if legacy_common or "common_backend" in ckpt.location.metadata_json:
         # megatron classes the save pickled into .metadata tell the older generations apart
-        raw = (ckpt.location.iter_dir / ".metadata").read_bytes()
-        if b"MCoreMetadata" in raw:
+        pickled = ckpt.dcp.metadata.pickled_globals
+        if f"{_MCORE_STRATEGY}.MCoreMetadata" in pickled:
             return "megatron-core 0.15 (common.pt, MCoreMetadata in .metadata)"
-        if b"MCoreSavePlan" in raw:
+        if f"{_MCORE_STRATEGY}.MCoreSavePlan" in pickled:
             return "megatron-core <= 0.14 (common.pt, MCoreSavePlan in .metadata)"
         if legacy_common:
             return "megatron-core 0.16 to 0.18 (common.pt)"
@@ -48,8 +54,19 @@ def writer_version(ckpt: MegatronCheckpoint) -> str:
     return "megatron-core >= 0.19 (common state inside the DCP)"
 
 
-def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
-    """The report as a JSON-able dict, and the per-rank plans when ``tp`` is given."""
+def _torch_generation(ckpt: MegatronCheckpoint) -> str:
+    """torch 2.15 added ``TensorProperties.strides``; ``Metadata.version`` stayed 1.0.0."""
+    meta = getattr(ckpt.dcp, "metadata", None)  # legacy per-rank files have none
+    return ", DCP metadata of torch >= 2.15" if meta is not None and meta.records_strides else ""
+
+
+def inspect(
+    path: str, tp: int = 0, tokenizer: str | Path | None = None
+) -> tuple[dict[str, Any], list[RankPlan]]:
+    """The report as a JSON-able dict, and the per-rank plans when ``tp`` is given.
+
+    ``tokenizer`` sets the true vocabulary where the checkpoint does not record it (default:
+    the checkpoint's own tokenizer, see ``find_tokenizer``)."""
     with MegatronCheckpoint(path) as ckpt:
         model_keys = [k for k in ckpt.tensors if not LLAMA.is_ignored(k)]
         other = [k for k in ckpt.tensors if k not in model_keys]
@@ -58,7 +75,9 @@ def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
             "checkpoint": str(ckpt.location.iter_dir),
             "iteration": ckpt.location.iteration_label,
             "format": ckpt.location.format,
-            "writer": writer_version(ckpt),
+            "writer": ("Megatron-Bridge on " if ckpt.writer == "megatron-bridge" else "")
+            + writer_version(ckpt),
+            "config_source": ckpt.config_source,
             "training_layout": {k: getattr(args, k, None) for k in TRAINING_LAYOUT_ARGS},
             "parameters": sum(_numel(ckpt.tensors[k].shape) for k in model_keys),
             "model_bytes": sum(ckpt.tensors[k].nbytes for k in model_keys),
@@ -68,13 +87,18 @@ def inspect(path: str, tp: int = 0) -> tuple[dict[str, Any], list[RankPlan]]:
             "dtypes": dict(
                 Counter(str(ckpt.tensors[k].dtype).removeprefix("torch.") for k in model_keys)
             ),
-            "refused": unsupported_args(args),
+            "refused": checkpoint_refusals(ckpt),
         }
         plans: list[RankPlan] = []
         if info["refused"]:
             return info, plans
-        config = hf_config_from_args(args, source=ckpt.source)
+        config = checkpoint_hf_config(ckpt, tokenizer=tokenizer)
         info["config"] = config.to_diff_dict()
+        info["vocab"] = {
+            "served": config.vocab_size,
+            "stored_rows": config.megatron_padded_vocab_size,
+            "from": config.megatron_vocab_origin,
+        }
         if tp:
             try:
                 dims = dims_for(ckpt, config)
@@ -99,6 +123,7 @@ def format_text(info: dict[str, Any]) -> str:
         f"checkpoint   {info['checkpoint']}",
         f"iteration    {info['iteration']}",
         f"format       {info['format']}, written by {info['writer']}",
+        f"config from  {info['config_source']}",
         "training     "
         + ", ".join(f"{k}={v}" for k, v in info["training_layout"].items() if v is not None),
         f"parameters   {info['parameters']:,}",
@@ -116,6 +141,12 @@ def format_text(info: dict[str, Any]) -> str:
             f"{c['hidden_size']}, ffn {c['intermediate_size']}, heads {c['num_attention_heads']} "
             f"(kv {c['num_key_value_heads']}, head_dim {c['head_dim']}), vocab {c['vocab_size']}, "
             f"tied {c.get('tie_word_embeddings', True)}, dtype {c.get('dtype')}"
+        )
+    if "vocab" in info:
+        v = info["vocab"]
+        lines.append(
+            f"vocab        {v['served']} tokens served of {v['stored_rows']} stored rows "
+            f"(size from {v['from']})"
         )
     if "bytes_per_rank" in info:
         per = info["bytes_per_rank"]

@@ -58,6 +58,26 @@ def legacy_ckpt(fixture_cache: Path, megatron_ckpt: Callable[[str], Path]) -> Ca
     return get
 
 
+@pytest.fixture(scope="session")
+def served_tokenizer(fixture_cache: Path) -> Callable[[str], Path | None]:
+    """``served_tokenizer(name)`` -> the tokenizer a user passes to serve variant ``name``
+    (``--tokenizer-path``): None where the checkpoint holds its own ``tokenizer/``, else the
+    run's tokenizer written outside the checkpoint."""
+    from make_megatron_checkpoint import VARIANTS
+    from make_tokenizer import make_tokenizer
+
+    def get(name: str) -> Path | None:
+        variant = VARIANTS[name]
+        if variant.save_tokenizer:
+            return None
+        folder = fixture_cache / "tokenizers" / f"vocab{variant.vocab_size}"
+        if not (folder / "tokenizer.json").is_file():
+            make_tokenizer(folder, variant.vocab_size)
+        return folder
+
+    return get
+
+
 @pytest.fixture
 def ckpt_copy(megatron_ckpt: Callable[[str], Path], tmp_path: Path) -> Callable[[str], Path]:
     """A private copy of a fixture run root, for tests that damage it."""

@@ -31,10 +31,4 @@ def read_common_state(dcp: DcpCheckpoint) -> dict[str, Any]:
         )
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{source}: expected a dict, found {type(state).__name__}")
-    if "args" not in state:
-        raise CorruptCheckpointError(
-            f"{source}: no 'args' in the common state (keys: {sorted(map(str, state))[:10]}); the "
-            "model config cannot be derived. Save with Megatron-LM's training loop, which stores "
-            "args."
-        )
     return state

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-from sglang_megatron_loader.config import ModelDims, hf_config_from_args
-from sglang_megatron_loader.engine import dims_for, execute_plan
+from sglang_megatron_loader.config import ModelDims
+from sglang_megatron_loader.engine import checkpoint_hf_config, dims_for, execute_plan
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.llama import hf_parts
 from sglang_megatron_loader.models.rules import Tp
@@ -42,9 +43,14 @@ class TensorSpec:
 class HfStream:
     """HF tensors of one checkpoint: specs up front (no data), then data on demand."""
 
-    def __init__(self, ckpt: MegatronCheckpoint, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        ckpt: MegatronCheckpoint,
+        overrides: dict[str, Any] | None = None,
+        tokenizer: str | Path | None = None,
+    ) -> None:
         self.ckpt = ckpt
-        self.config = hf_config_from_args(ckpt.args, source=ckpt.source, overrides=overrides)
+        self.config = checkpoint_hf_config(ckpt, overrides, tokenizer)
         self.table = table_for(self.config)
         self.dims: ModelDims = dims_for(ckpt, self.config, self.table)
         self.plan: RankPlan = plan_rank(self.table, self.dims, ckpt.tensors, Tp(0, 1))

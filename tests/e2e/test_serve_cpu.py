@@ -33,15 +33,20 @@ def reference(run_root: Path) -> dict:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_server_continuation_equals_megatron(megatron_ckpt, tmp_path: Path, variant: str) -> None:
+def test_server_continuation_equals_megatron(
+    megatron_ckpt, served_tokenizer, tmp_path: Path, variant: str
+) -> None:
     run_root = megatron_ckpt(variant)
     ref = reference(run_root)
     dtype = DTYPES[ref["variant"]["dtype"]]
+    # every fixture lacks args.vocab_size, as real runs with a Hugging Face tokenizer do: the
+    # true vocabulary comes from the checkpoint's tokenizer/, else from --tokenizer-path
+    tok = served_tokenizer(variant)
     start = time.monotonic()
     proc = sh.start_server(
         run_root,
         dtype=dtype,
-        extra_args=["--load-format", "megatron"],
+        extra_args=["--load-format", "megatron", *(["--tokenizer-path", str(tok)] if tok else [])],
         log_path=tmp_path / "server.log",
     )
     try:

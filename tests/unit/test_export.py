@@ -23,13 +23,17 @@ VARIANTS = list(FIXTURE_VARIANTS)  # every fixture variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_hf_export_loads_in_transformers_and_matches_megatron(megatron_ckpt, tmp_path, variant):
+def test_hf_export_loads_in_transformers_and_matches_megatron(
+    megatron_ckpt, served_tokenizer, tmp_path, variant
+):
     from transformers import AutoModelForCausalLM
 
     root = megatron_ckpt(variant)
     ref = torch.load(f"{root}.reference.pt", weights_only=True)
     out = tmp_path / "hf"
-    assert cli(["export", str(root), str(out), "--shard-size", "0.0001"]) == 0
+    tok = served_tokenizer(variant)
+    given = ["--tokenizer", str(tok)] if tok else []  # else the checkpoint's own tokenizer/
+    assert cli(["export", str(root), str(out), "--shard-size", "0.0001", *given]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded as asked
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

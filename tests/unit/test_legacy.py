@@ -18,7 +18,7 @@ import torch
 from make_legacy_checkpoint import LEGACY_VARIANTS
 from safetensors import safe_open
 
-from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint, scatter
 from sglang_megatron_loader.checkpoint import legacy_layout as layout
 from sglang_megatron_loader.cli import main as cli
 from sglang_megatron_loader.engine import dims_for, execute_plan, hf_config_for
@@ -153,7 +153,7 @@ def storage_ranges(path: Path) -> dict[str, tuple[int, int]]:
 
 
 class IoLog:
-    """Every ``open``/``pread``/``preadv`` on files under ``folder`` while active."""
+    """Every ``open``/``pread``/``preadv`` (and mapped copy) on files under ``folder``."""
 
     def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.folder, self.opened, self.reads = str(folder.resolve()), [], []
@@ -180,9 +180,19 @@ class IoLog:
                 self.reads.append(("data", os.path.relpath(p, self.folder), offset, n))
             return n
 
+        def read_mapped(f, base, sizes, box, dest, *, source):  # noqa: ANN001
+            real_mapped(f, base, sizes, box, dest, source=source)  # column slices: no preadv
+            if p := path_of(f.fileno()):
+                size = dest.element_size()
+                for first, n in scatter.file_runs(sizes, box):
+                    rel = os.path.relpath(p, self.folder)
+                    self.reads.append(("data", rel, base + first * size, n * size))
+
+        real_mapped = scatter.read_mapped
         monkeypatch.setattr(builtins, "open", opener)
         monkeypatch.setattr(os, "pread", pread)
         monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(scatter, "read_mapped", read_mapped)
 
 
 @pytest.mark.parametrize("name", ["legacy_fp32_tp2pp2", "legacy_fp32_pp2vpp2", "legacy_fp32_tp1"])
@@ -235,6 +245,10 @@ def test_inspect_reports_the_legacy_format(legacy_ckpt, megatron_ckpt, capsys) -
     info, plans = inspect(str(legacy_ckpt("legacy_fp32_tp2pp2")), tp=2)
     base, _ = inspect(str(megatron_ckpt("fp32_tp2pp2")), tp=2)
     assert info["format"] == "torch" and "torch" in info["writer"]
+    # the same model; only where the vocabulary size was read differs (each save's tokenizer/)
+    origin = "megatron_vocab_origin"
+    assert info["config"].pop(origin).endswith("(250 tokens)")
+    assert base["config"].pop(origin).endswith("(250 tokens)")
     assert info["config"] == base["config"]
     assert info["bytes_per_rank"] == base["bytes_per_rank"]
     assert info["model_bytes"] == base["model_bytes"] and len(plans) == 2

@@ -134,7 +134,8 @@ def test_load_reads_model_bytes_only(optimizer_ckpt, kind: str, monkeypatch) -> 
         optimizer_bytes = sum(ckpt.tensors[k].nbytes for k in optimizer)
         emb = ckpt.tensors["embedding.word_embeddings.weight"]
         heads = 2 if "output_layer.weight" in ckpt.tensors else 1  # untied: two vocab tensors
-        pad = (emb.shape[0] - ckpt.args.vocab_size) * emb.shape[1] * emb.dtype.itemsize * heads
+        vocab = HfStream(ckpt).dims.vocab_size  # from the save's tokenizer/
+        pad = (emb.shape[0] - vocab) * emb.shape[1] * emb.dtype.itemsize * heads
         allowed, forbidden = _spans(ckpt)
         files = sum(ckpt.dcp.file_sizes().values())
     # what was read: exactly the model tensors (less Megatron's vocab padding rows, never read)
