@@ -48,6 +48,10 @@ class World:
 
     tp: int
     pp: int = 1
+    flags: tuple[str, ...] = ()  # more SGLang server flags, for both builds (DP attention ...)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flags", tuple(self.flags))  # a list after a JSON round trip
 
     @property
     def size(self) -> int:
@@ -55,7 +59,8 @@ class World:
 
     @property
     def label(self) -> str:
-        return f"tp{self.tp}" + (f"pp{self.pp}" if self.pp > 1 else "")
+        named = "".join(f"-{f.lstrip('-')}" for f in self.flags)
+        return f"tp{self.tp}" + (f"pp{self.pp}" if self.pp > 1 else "") + named
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,6 @@ def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tens
     hf = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight")[:vocab]}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        fc1 = layer("mlp.linear_fc1.weight", i)
         hf.update(
             {
                 p + "input_layernorm.weight": layer(
@@ -150,11 +154,14 @@ def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tens
                 ),
                 p + "self_attn.o_proj.weight": layer("self_attention.linear_proj.weight", i),
                 p + "post_attention_layernorm.weight": layer("mlp.linear_fc1.layer_norm_weight", i),
-                p + "mlp.gate_proj.weight": fc1[:f],
-                p + "mlp.up_proj.weight": fc1[f:],
-                p + "mlp.down_proj.weight": layer("mlp.linear_fc2.weight", i),
             }
         )
+        fc1 = layer("mlp.linear_fc1.weight", i)
+        if fc1 is not None:
+            hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = fc1[:f], fc1[f:]
+            hf[p + "mlp.down_proj.weight"] = layer("mlp.linear_fc2.weight", i)
+        else:
+            hf.update(moe_to_hf(lambda name, i=i: layer(name, i), p, cfg))
         for leaf in ("weight", "bias"):
             fused = layer(f"self_attention.linear_qkv.{leaf}", i)
             if fused is not None:
@@ -173,6 +180,28 @@ def megatron_to_hf(t: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tens
     return {k: v.contiguous() for k, v in hf.items()}
 
 
+# HF expert names (gate, up, down) and block of the MoE families
+HF_EXPERTS = {
+    "MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+    "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def moe_to_hf(layer: Any, p: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """One MoE layer: the router -> ``gate``, each expert's fc1 ``[gate; up]`` and fc2 -> the
+    HF per-expert tensors (Megatron stacks experts on a global axis, ``experts.experts.*``)."""
+    block, gate, up, down = HF_EXPERTS[cfg.architectures[0]]
+    fc1 = layer("mlp.experts.experts.linear_fc1.weight")
+    fc2 = layer("mlp.experts.experts.linear_fc2.weight")
+    f = fc1.shape[1] // 2
+    out = {f"{p}{block}.gate.weight": layer("mlp.router.weight")}
+    for e in range(fc1.shape[0]):
+        q = f"{p}{block}.experts.{e}."
+        out[q + f"{gate}.weight"], out[q + f"{up}.weight"] = fc1[e, :f], fc1[e, f:]
+        out[q + f"{down}.weight"] = fc2[e]
+    return out
+
+
 # Megatron's ``RotaryEmbedding._apply_scaling`` defaults; only the factor is an argument.
 LLAMA3_ROPE = {
     "low_freq_factor": 1.0,
@@ -185,12 +214,23 @@ HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def hf_config_for_variant(variant: Any) -> Any:
     """The transformers config from the fixture's own variant definition: Qwen3 for q/k
     layernorm, Qwen2 for qkv bias, else Llama; Llama-3.x rope scaling when trained with it."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(variant.rotary_base)}
     if variant.rope_scaling_factor is not None:
-        rope.update(rope_type="llama3", factor=float(variant.rope_scaling_factor), **LLAMA3_ROPE)
-    if variant.qk_layernorm:
+        # the model was built as Megatron-LM's GPT builder builds it: rope_scaling on, the
+        # factor not passed (GPTModel's default 8), whatever args.rope_scaling_factor records
+        rope.update(rope_type="llama3", factor=8.0, **LLAMA3_ROPE)
+    moe = {"num_experts_per_tok": variant.moe_router_topk} if variant.num_experts else {}
+    ffn = variant.ffn_hidden_size
+    if variant.num_experts and variant.qk_layernorm:
+        cls, extra = Qwen3MoeConfig, {"attention_bias": False, "num_experts": variant.num_experts}
+        extra.update(moe, moe_intermediate_size=variant.moe_ffn_hidden_size or ffn)
+        extra.update(norm_topk_prob=not variant.moe_router_pre_softmax)
+    elif variant.num_experts:
+        cls, extra = MixtralConfig, {"num_local_experts": variant.num_experts, **moe}
+        ffn = variant.moe_ffn_hidden_size or ffn
+    elif variant.qk_layernorm:
         cls, extra = Qwen3Config, {"attention_bias": False}
     elif variant.qkv_bias:
         cls, extra = Qwen2Config, {}
@@ -200,7 +240,7 @@ def hf_config_for_variant(variant: Any) -> Any:
         architectures=[cls.__name__.replace("Config", "ForCausalLM")],
         vocab_size=variant.vocab_size,
         hidden_size=variant.hidden_size,
-        intermediate_size=variant.ffn_hidden_size,
+        intermediate_size=ffn,
         num_hidden_layers=variant.num_layers,
         num_attention_heads=variant.num_attention_heads,
         num_key_value_heads=variant.num_query_groups,
@@ -337,6 +377,7 @@ def _server_args(model_path: str, world: World, dtype: str, load_format: str) ->
             "--pp-size", str(world.pp),
             "--attention-backend", "torch_native",
             "--skip-tokenizer-init",
+            *world.flags,
         ]
     )  # fmt: skip
 
@@ -429,6 +470,17 @@ def compare(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, Any]:
         "diffs": _diffs(pa, pb) + _diffs(ba, bb),
         "all_zero": sorted(n for n, x in pa.items() if not x.data.count_nonzero()),
     }
+
+
+def assert_equal_loads(result: dict[str, Any], where: str) -> None:
+    """One case on one rank: both builds succeeded, with the same parameters and buffers, each
+    ``torch.equal`` to the other, and none left all zero (never filled)."""
+    for side in ("megatron_error", "hf_error"):
+        assert side not in result, f"{where}: {side} {result[side]}"
+    cmp = result["compare"]
+    assert cmp["params"] and not cmp["only_megatron"] and not cmp["only_hf"], (where, cmp)
+    assert not cmp["diffs"], f"{where}: parameters differ: {cmp['diffs']}"
+    assert not cmp["all_zero"], f"{where}: never filled: {cmp['all_zero']}"
 
 
 def _error(exc: BaseException) -> dict[str, str]:

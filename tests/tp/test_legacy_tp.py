@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 import pytest
-from harness import World, prepare_case, run_world
+from harness import World, assert_equal_loads, prepare_case, run_world
 from make_legacy_checkpoint import LEGACY_VARIANTS
 from make_megatron_checkpoint import VARIANTS
 
@@ -39,12 +39,7 @@ def test_legacy_load_equals_torch_dist_weights(world_results, source: str, label
     for rank, res in enumerate(world_results[label]):
         r = res["cases"][source]
         where = f"{source} -> {label} rank {rank}"
-        assert "megatron_error" not in r, f"{where}: {r['megatron_error']['where']}"
-        assert "hf_error" not in r, f"{where}: {r['hf_error']['where']}"
-        cmp = r["compare"]
-        assert cmp["params"] and not cmp["only_megatron"] and not cmp["only_hf"], (where, cmp)
-        assert not cmp["diffs"], f"{where}: parameters differ: {cmp['diffs']}"
-        assert not cmp["all_zero"], f"{where}: never filled: {cmp['all_zero']}"
+        assert_equal_loads(r, where)
         reads = r["reads"]
         over = {k: v for k, v in reads["by_key"].items() if v[0] != v[1]}
         assert not over, f"{where}: read [got, needed] differs: {over}"
