@@ -23,34 +23,6 @@ def _names(text: str) -> frozenset[str]:
 
 # gate(s) -> the names that only matter when the gate is on
 _GATED_FAMILIES: dict[tuple[str, ...], str] = {
-    ("num_experts", "num_moe_experts"): """
-        moe_apply_probs_on_input moe_aux_loss_coeff moe_deepep_num_sms moe_enable_deepep
-        moe_enable_routing_replay moe_expert_capacity_factor moe_expert_rank_capacity_factor
-        moe_extended_tp moe_ffn_hidden_size moe_flex_dispatcher_backend
-        moe_flex_dispatcher_num_sms moe_grad_scale_func moe_grouped_gemm
-        moe_hybridep_num_blocks_permute moe_hybridep_num_blocks_unpermute moe_hybridep_num_sms
-        moe_hybridep_num_sms_preprocessing moe_hybridep_pad_uneven_dispatch_inputs
-        moe_input_jitter_eps moe_latent_size moe_layer_freq moe_layer_recompute
-        moe_mlp_glu_interleave_size moe_ncclep_static_shape moe_ncclep_zero_copy
-        moe_pad_expert_input_to_capacity moe_pad_experts_for_cuda_graph_inference moe_paged_stash
-        moe_paged_stash_buffer_size_factor_cpu moe_paged_stash_buffer_size_factor_cuda
-        moe_paged_stash_page_size moe_per_layer_logging moe_permute_fusion
-        moe_permute_fusion_into_hybridep moe_router_bias_update_rate moe_router_dtype
-        moe_router_enable_expert_bias moe_router_force_biased moe_router_force_load_balancing
-        moe_router_fusion moe_router_group_topk moe_router_load_balancing_type
-        moe_router_num_groups moe_router_padding_for_fp8 moe_router_padding_for_quantization
-        moe_router_pre_softmax moe_router_quantile_balancing_ema moe_router_score_function
-        moe_router_topk moe_router_topk_limited_devices moe_router_topk_scaling_factor
-        moe_routing_trace_capture_hidden_states moe_routing_trace_capture_logits
-        moe_routing_trace_dump_weights moe_routing_trace_max_training_iters moe_routing_trace_path
-        moe_shared_expert_gate moe_shared_expert_glu_interleave_size
-        moe_shared_expert_intermediate_size moe_shared_expert_overlap moe_single_grouped_bias
-        moe_single_grouped_weight moe_token_dispatcher_type moe_token_drop_policy
-        moe_token_dropping moe_upcycling_granularity moe_use_legacy_grouped_gemm moe_use_upcycling
-        moe_z_loss_coeff use_fused_weighted_squared_relu use_grouped_gemm_for_shared_expert
-        overlap_moe_expert_parallel_comm overlap_dispatch_backward_with_experts_wgrad
-        export_moe_apply_probs_on_input
-    """,
     ("multi_latent_attention",): """
         q_lora_rank kv_lora_rank qk_head_dim qk_pos_emb_head_dim v_head_dim mscale mscale_all_dim
         cache_mla_latents mla_down_proj_fusion
@@ -242,7 +214,32 @@ _BRIDGE = _names("""
     use_arbitrary_attention_mask use_transformer_engine_full_layer_spec
 """)
 
-IRRELEVANT: frozenset[str] = _TRANSFORMER_CONFIG | _MEGATRON_LM | _BRIDGE
+# Mixture of experts, training or kernels only: load balancing losses, dispatchers and their
+# communication backends, fusions, recompute, logging, upcycling (an initialisation). Token
+# dropping (capacity factors) is a training-time limit: like the Hugging Face models and
+# SGLang, the loader serves the model dropless. Routing and expert math names are served or
+# refused in ``arg_policy``.
+_MOE_RUNTIME = _names("""
+    moe_aux_loss_coeff moe_deepep_num_sms moe_enable_deepep moe_enable_routing_replay
+    moe_expert_capacity_factor moe_expert_rank_capacity_factor moe_extended_tp
+    moe_flex_dispatcher_backend moe_flex_dispatcher_num_sms moe_grad_scale_func
+    moe_hybridep_num_blocks_permute moe_hybridep_num_blocks_unpermute moe_hybridep_num_sms
+    moe_hybridep_num_sms_preprocessing moe_hybridep_pad_uneven_dispatch_inputs
+    moe_layer_recompute moe_ncclep_static_shape moe_ncclep_zero_copy
+    moe_pad_expert_input_to_capacity moe_pad_experts_for_cuda_graph_inference moe_paged_stash
+    moe_paged_stash_buffer_size_factor_cpu moe_paged_stash_buffer_size_factor_cuda
+    moe_paged_stash_page_size moe_per_layer_logging moe_permute_fusion
+    moe_permute_fusion_into_hybridep moe_router_bias_update_rate moe_router_dtype
+    moe_router_fusion moe_router_padding_for_fp8 moe_router_padding_for_quantization
+    moe_router_quantile_balancing_ema moe_routing_trace_capture_hidden_states
+    moe_routing_trace_capture_logits moe_routing_trace_dump_weights
+    moe_routing_trace_max_training_iters moe_routing_trace_path moe_shared_expert_overlap
+    moe_token_dispatcher_type moe_token_drop_policy moe_token_dropping
+    moe_upcycling_granularity moe_use_legacy_grouped_gemm moe_use_upcycling moe_z_loss_coeff
+    overlap_moe_expert_parallel_comm overlap_dispatch_backward_with_experts_wgrad
+""")
+
+IRRELEVANT: frozenset[str] = _TRANSFORMER_CONFIG | _MEGATRON_LM | _BRIDGE | _MOE_RUNTIME
 
 # Megatron-LM argument families that are training/runtime only, present and future ones
 IRRELEVANT_PREFIXES: tuple[str, ...] = (

@@ -195,12 +195,54 @@ SERVED: dict[str, Served] = {
         "GPTModelProvider or a Llama/Qwen2/Qwen3 dense provider",
         lambda v: isinstance(v, str) and _BRIDGE_PROVIDER.fullmatch(v) is not None,
     ),
+    # mixture of experts (config.py ``moe_fields``; served as Mixtral, with qk-layernorm as
+    # Qwen3-MoE): the softmax top-k router, optionally softmax before top-k (not renormalised)
+    "num_experts": _served("mixture of experts", "None or a count"),
+    "moe_ffn_hidden_size": _served(_DIM),
+    "moe_router_topk": _served("experts per token (top-k)"),
+    "moe_router_pre_softmax": _served(
+        "softmax over all experts before top-k (served: norm_topk_prob=False)", _BOOL, _is_bool
+    ),
+    "moe_router_score_function": _served(
+        "router score function other than softmax", "'softmax'", _one_of(None, "softmax")
+    ),
+    "moe_router_topk_scaling_factor": _served(
+        "scaling of the routing weights", "None or 1.0", _one_of(None, 1, 1.0)
+    ),
+    "moe_layer_freq": _served(
+        "dense layers between MoE layers", "1 (every layer MoE)", lambda v: _every_layer_moe(v)
+    ),
+    "moe_grouped_gemm": _served(
+        "grouped-GEMM experts (stored like SequentialMLP's)", _BOOL, _is_bool
+    ),
+    "moe_router_load_balancing_type": _served(
+        "router load balancing that changes routing (Sinkhorn)",
+        "a loss-only balancing: aux_loss, seq_aux_loss, global_aux_loss or none",
+        lambda v: _loss_only_balancing(v),
+    ),
     "transformer_layer_spec": _served(
         "Megatron-Bridge layer spec",
         "one of Bridge's standard GPT specs (" + ", ".join(sorted(_BRIDGE_SPECS)) + ")",
         lambda v: target_name(v) in _BRIDGE_SPECS,
     ),
 }
+
+
+def _every_layer_moe(value: Any) -> bool:
+    """``moe_layer_freq`` 1, or a per-layer pattern of 1s (Megatron-LM may store it as text)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        return True
+    if isinstance(value, str):
+        return bool(re.fullmatch(r"\s*\(?\s*\[\s*1\s*\]\s*\*\s*\d+\s*\)?\s*|1", value))
+    return isinstance(value, list | tuple) and len(value) > 0 and all(x == 1 for x in value)
+
+
+def _loss_only_balancing(value: Any) -> bool:
+    loss_only = (None, "aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+    if isinstance(value, list | tuple):
+        return all(v in loss_only for v in value)
+    return value in loss_only
+
 
 # What a TransformerConfig / GPTModelProvider without the field means (its default): a
 # Megatron-Bridge config always writes every field, so a missing one is judged at its default.
@@ -221,14 +263,36 @@ def _all_zero(v: Any) -> bool:  # no_rope_freq as a per-layer pattern without a 
     return isinstance(v, list | tuple) and all(x == 0 for x in v)
 
 
-_MOE = _refuse("mixture-of-experts", None, 0)
+_ROUTING = "MoE routing other than softmax top-k"
 _HYBRID = _refuse("hybrid Mamba / linear-attention layers", None, False, 0, 0.0)
 _QUANT = "quantized model (ModelOpt / kitchen): the forward is not the stored weights' plain matmul"
 
 REFUSED: dict[str, Refused] = {
     # architecture
-    "num_experts": _MOE,
-    "num_moe_experts": _MOE,
+    # mixture of experts beyond the served softmax top-k router over routed experts
+    "num_moe_experts": _refuse(
+        "mixture of experts in a Megatron-Bridge config (served from Megatron-LM args only)",
+        None,
+        0,
+    ),
+    "moe_shared_expert_intermediate_size": _refuse("shared experts", None, 0),
+    "moe_shared_expert_gate": _refuse("gated shared experts"),
+    "use_grouped_gemm_for_shared_expert": _refuse("shared experts"),
+    "moe_shared_expert_glu_interleave_size": _refuse("shared experts, interleaved GLU", None, 0),
+    "moe_router_enable_expert_bias": _refuse(_ROUTING + ": expert bias (aux-loss-free)"),
+    "moe_router_num_groups": _refuse(_ROUTING + ": group-limited routing", None, 0, 1),
+    "moe_router_group_topk": _refuse(_ROUTING + ": group-limited routing", None, 0),
+    "moe_router_topk_limited_devices": _refuse(_ROUTING + ": device-limited routing", None, 0),
+    "moe_router_force_load_balancing": _refuse(_ROUTING + ": forced (random) routing"),
+    "moe_router_force_biased": _refuse(_ROUTING + ": forced biased routing", None, 0, 0.0),
+    "moe_input_jitter_eps": _refuse(_ROUTING + ": input jitter", None, 0, 0.0),
+    "moe_apply_probs_on_input": _refuse("routing weights applied to the expert input"),
+    "export_moe_apply_probs_on_input": _refuse("routing weights applied to the expert input"),
+    "moe_latent_size": _refuse("latent MoE (experts in a projected space)", None, 0),
+    "moe_mlp_glu_interleave_size": _refuse("experts' fc1 with interleaved gate/up", None, 0),
+    "moe_single_grouped_weight": _refuse("experts stored as one grouped weight"),
+    "moe_single_grouped_bias": _refuse("experts stored as one grouped bias"),
+    "use_fused_weighted_squared_relu": _refuse("squared-ReLU experts"),
     "multi_latent_attention": _refuse("multi-latent attention (MLA)"),
     "experimental_attention_variant": _refuse("experimental attention (gated delta net, DSA)"),
     "linear_attention_freq": _refuse("linear-attention layers"),
@@ -296,6 +360,17 @@ REFUSED: dict[str, Refused] = {
 
 # Served names each fine on its own that no architecture serves together.
 COMBINED: tuple[Combined, ...] = (
+    Combined(
+        ("num_experts", "add_qkv_bias"),
+        lambda experts, bias: bool(experts) and bool(bias),
+        "mixture of experts with qkv bias: neither Mixtral nor Qwen3-MoE has q/k/v biases",
+    ),
+    Combined(
+        ("num_experts", "moe_router_pre_softmax", "qk_layernorm"),
+        lambda experts, pre, qk: bool(experts) and bool(pre) and not qk,
+        "softmax before top-k without qk-layernorm: served as Mixtral, which always "
+        "renormalises the top-k weights (only Qwen3-MoE, with qk-layernorm, serves it)",
+    ),
     Combined(
         ("qk_layernorm", "add_qkv_bias"),
         lambda qk, bias: bool(qk) and bool(bias),

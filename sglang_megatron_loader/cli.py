@@ -14,7 +14,7 @@ from sglang_megatron_loader.errors import MegatronLoaderError
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     from sglang_megatron_loader.inspect_ckpt import format_text, inspect
 
-    info, plans = inspect(ns.checkpoint, ns.tp, tokenizer=ns.tokenizer)
+    info, plans = inspect(ns.checkpoint, ns.tp, tokenizer=ns.tokenizer, ep=ns.ep)
     if ns.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show format, iteration, derived config and TP plan")
     p.add_argument("checkpoint", help="Megatron run root or iter_* folder")
     p.add_argument("--tp", type=int, default=0, help="show the plan for this target TP size")
+    p.add_argument("--ep", type=int, default=1, help="MoE: SGLang --ep-size for the --tp plan")
     p.add_argument("--show-plan", action="store_true", help="print every parameter's reads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(

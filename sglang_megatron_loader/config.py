@@ -45,7 +45,7 @@ class Architecture:
 
 
 def _has_experts(args: Any) -> bool:
-    return bool(getattr(args, "num_experts", None) or getattr(args, "num_moe_experts", None))
+    return bool(getattr(args, "num_experts", None))
 
 
 def moe_fields(args: Any, source: str) -> dict[str, Any]:
@@ -53,9 +53,7 @@ def moe_fields(args: Any, source: str) -> dict[str, Any]:
     logits, then softmax over those k; ``moe_router_pre_softmax``: softmax over all experts,
     then top-k, not renormalised) is transformers' softmax -> top-k with (without)
     ``norm_topk_prob``; the refusals (``arg_policy``) keep every other routing option off."""
-    experts = _int_arg(args, "num_experts", source, None) or _int_arg(
-        args, "num_moe_experts", source
-    )
+    experts = _int_arg(args, "num_experts", source)
     ffn = _int_arg(args, "moe_ffn_hidden_size", source, None) or _int_arg(
         args, "ffn_hidden_size", source
     )
@@ -285,7 +283,7 @@ def hf_config_from_args(
             f"{source}: this checkpoint uses features the loader does not serve:\n  "
             + "\n  ".join(refused)
             + "\n(served: Llama-style GPT models, with qkv bias as Qwen2, with qk-layernorm as "
-            "Qwen3)"
+            "Qwen3; mixture of experts as Mixtral, with qk-layernorm as Qwen3-MoE)"
         )
     hidden = _int_arg(args, "hidden_size", source)
     heads = _int_arg(args, "num_attention_heads", source)

@@ -156,12 +156,27 @@ def plan_checkpoint(
     if emb is None:
         raise WeightMismatchError(f"{ckpt.source}: checkpoint has no '{EMBEDDING_KEY}'")
     dims = ModelDims.from_hf_config(hf_config, padded_vocab_size=emb.shape[0])
+    refuse_padded_ffn(hf_config, ckpt.source)
     try:
         check_checkpoint_keys(table, dims, ckpt.tensors)
         plan = plan_rank(table, dims, ckpt.tensors, tp)  # every stored shape against the args
     except WeightMismatchError as exc:
         raise WeightMismatchError(f"{ckpt.source}: {exc}") from exc
     return dims, plan
+
+
+def refuse_padded_ffn(hf_config: Any, source: str) -> None:
+    """SGLang on a CPU pads FFN sizes that ``32 * tp`` does not divide (its
+    ``adjust_config_with_unaligned_cpu_tp`` keeps the stored size as ``original_<name>``); the
+    plan fills the stored size only, so such a layout is refused by name."""
+    for name in ("intermediate_size", "moe_intermediate_size"):
+        original = getattr(hf_config, f"original_{name}", None)
+        if original is not None and original != getattr(hf_config, name, None):
+            raise UnsupportedCheckpointError(
+                f"{source}: SGLang padded {name} from {original} to {getattr(hf_config, name)} "
+                "for its CPU kernels; --load-format megatron does not fill padded FFNs. Serve "
+                "on a GPU, or at a --tp-size for which 32 * tp divides the FFN size"
+            )
 
 
 @dataclass

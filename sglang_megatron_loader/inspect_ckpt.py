@@ -14,6 +14,7 @@ from sglang_megatron_loader.engine import checkpoint_hf_config, checkpoint_refus
 from sglang_megatron_loader.errors import MegatronLoaderError
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models.moe import FC1, local_experts
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import RankPlan, plan_rank
 
@@ -61,9 +62,10 @@ def _torch_generation(ckpt: MegatronCheckpoint) -> str:
 
 
 def inspect(
-    path: str, tp: int = 0, tokenizer: str | Path | None = None
+    path: str, tp: int = 0, tokenizer: str | Path | None = None, ep: int = 1
 ) -> tuple[dict[str, Any], list[RankPlan]]:
-    """The report as a JSON-able dict, and the per-rank plans when ``tp`` is given.
+    """The report as a JSON-able dict, and the per-rank plans when ``tp`` is given (with
+    ``ep``: SGLang's ``--ep-size``, which places whole experts on ranks).
 
     ``tokenizer`` sets the true vocabulary where the checkpoint does not record it (default:
     the checkpoint's own tokenizer, see ``find_tokenizer``)."""
@@ -99,15 +101,39 @@ def inspect(
             "stored_rows": config.megatron_padded_vocab_size,
             "from": config.megatron_vocab_origin,
         }
+        experts = experts_info(ckpt, config)
+        if experts:
+            info["experts"] = experts
         if tp:
             try:
                 dims = dims_for(ckpt, config)
                 table = table_for(config)
-                plans = [plan_rank(table, dims, ckpt.tensors, Tp(r, tp)) for r in range(tp)]
+                ranks = [Tp(r, tp, r // max(tp // ep, 1), ep) for r in range(tp)]
+                plans = [plan_rank(table, dims, ckpt.tensors, t) for t in ranks]
                 info["bytes_per_rank"] = [p.bytes_to_read(ckpt.tensors) for p in plans]
+                if experts:
+                    experts["per_rank"] = [list(local_experts(dims, t, "experts")) for t in ranks]
             except MegatronLoaderError as exc:
                 info["tp_error"] = str(exc)
     return info, plans
+
+
+def experts_info(ckpt: MegatronCheckpoint, config: Any) -> dict[str, Any] | None:
+    """Count, top-k, expert FFN size and bytes per expert of an MoE checkpoint (None: dense)."""
+    dims = dims_for(ckpt, config)
+    if not dims.num_experts:
+        return None
+    fc1 = next((t for k, t in ckpt.tensors.items() if k.endswith(FC1)), None)
+    itemsize = fc1.dtype.itemsize if fc1 is not None else 0
+    per_layer = 3 * dims.moe_ffn_hidden_size * dims.hidden_size * itemsize  # fc1 [2F,H] + fc2
+    return {
+        "num_experts": dims.num_experts,
+        "top_k": config.num_experts_per_tok,
+        "moe_ffn_hidden_size": dims.moe_ffn_hidden_size,
+        "bytes_per_expert_per_layer": per_layer,
+        "bytes_per_expert": per_layer * dims.num_layers,
+        "experts_bytes": per_layer * dims.num_layers * dims.num_experts,
+    }
 
 
 def human(n: float) -> str:
@@ -148,6 +174,19 @@ def format_text(info: dict[str, Any]) -> str:
             f"vocab        {v['served']} tokens served of {v['stored_rows']} stored rows "
             f"(size from {v['from']})"
         )
+    if "experts" in info:
+        e = info["experts"]
+        lines.append(
+            f"experts      {e['num_experts']} per layer, top-{e['top_k']}, ffn "
+            f"{e['moe_ffn_hidden_size']}: {human(e['bytes_per_expert'])} per expert "
+            f"({human(e['bytes_per_expert_per_layer'])} per layer), "
+            f"{human(e['experts_bytes'])} in all"
+        )
+        if "per_rank" in e:
+            lines.append(
+                "experts/rank "
+                + ", ".join(f"{r}: {x[0]}-{x[-1]}" for r, x in enumerate(e["per_rank"]) if x)
+            )
     if "bytes_per_rank" in info:
         per = info["bytes_per_rank"]
         lines.append(

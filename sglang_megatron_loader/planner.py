@@ -5,6 +5,7 @@ No I/O and no torch.distributed: a plan can be built, printed and tested from me
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,11 +24,13 @@ class HasDtype(Protocol):
 
 @dataclass(frozen=True)
 class Read:
-    """Global ``region`` of checkpoint tensor ``key`` -> target rows ``dst`` of the parameter."""
+    """Global ``region`` of checkpoint tensor ``key`` -> target rows ``dst`` of the parameter,
+    or of ``parameter[dst_lead]`` (a fused MoE weight's local expert)."""
 
     key: str
     region: Region
     dst: tuple[int, int]
+    dst_lead: tuple[int, ...] = ()
 
     def numel(self) -> int:
         n = 1
@@ -37,7 +40,8 @@ class Read:
 
     def __str__(self) -> str:
         region = ", ".join(f"{lo}:{hi}" for lo, hi in self.region)
-        return f"rows {self.dst[0]}:{self.dst[1]} <- {self.key}[{region}]"
+        lead = "".join(f"[{i}]" for i in self.dst_lead)
+        return f"{lead}rows {self.dst[0]}:{self.dst[1]} <- {self.key}[{region}]"
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,33 @@ class ParamPlan:
     zero_rows: tuple[int, int] | None
 
     def __post_init__(self) -> None:
-        covered = sorted([r.dst for r in self.reads] + ([self.zero_rows] if self.zero_rows else []))
-        pos = 0
-        for lo, hi in covered:
-            if lo != pos:
+        by_lead: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for r in self.reads:
+            by_lead.setdefault(r.dst_lead, []).append(r.dst)
+        if self.zero_rows:
+            by_lead.setdefault((), []).append(self.zero_rows)
+        depth = {len(lead) for lead in by_lead} or {0}
+        if len(depth) != 1:
+            raise WeightMismatchError(f"plan for {self.name}: mixed destination depths {depth}")
+        (k,) = depth
+        expected = set(itertools.product(*(range(n) for n in self.shape[:k])))
+        if set(by_lead) != expected and not (k == 0 and not by_lead and self.shape[0] == 0):
+            missing = sorted(expected - set(by_lead))[:4]
+            raise WeightMismatchError(
+                f"plan for {self.name}: destinations {missing} not filled (shape {self.shape})"
+            )
+        for lead, covered in by_lead.items():
+            pos, where = 0, "".join(f"[{i}]" for i in lead)
+            for lo, hi in sorted(covered):
+                if lo != pos:
+                    raise WeightMismatchError(
+                        f"plan for {self.name}{where}: rows {pos}..{lo} not filled exactly once"
+                    )
+                pos = hi
+            if pos != self.shape[k]:
                 raise WeightMismatchError(
-                    f"plan for {self.name}: rows {pos}..{lo} not filled exactly once"
+                    f"plan for {self.name}{where}: fills {pos} of {self.shape[k]} rows"
                 )
-            pos = hi
-        if pos != self.shape[0]:
-            raise WeightMismatchError(f"plan for {self.name}: fills {pos} of {self.shape[0]} rows")
 
     def __str__(self) -> str:
         lines = [f"{self.name} {list(self.shape)}"]
@@ -114,7 +135,7 @@ def plan_parameter(
         shape = shape[1:]
     result = mapping.rule.apply(shape, dims, tp, f"checkpoint tensor '{ref.key}'")
     lead = ((ref.layer_index, ref.layer_index + 1),) if ref.layer_index is not None else ()
-    reads = tuple(Read(ref.key, lead + b.region, b.dst) for b in result.blocks)
+    reads = tuple(Read(ref.key, lead + b.region, b.dst, b.lead) for b in result.blocks)
     return ParamPlan(name, result.shape, reads, result.zero_rows)
 
 

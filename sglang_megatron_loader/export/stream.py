@@ -18,6 +18,7 @@ from sglang_megatron_loader.config import ModelDims
 from sglang_megatron_loader.engine import checkpoint_hf_config, dims_for, execute_plan
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.llama import hf_parts
+from sglang_megatron_loader.models.moe import hf_expert_parts
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import ParamPlan, RankPlan, plan_rank
 
@@ -31,6 +32,7 @@ class TensorSpec:
     dtype: torch.dtype
     source: str  # SGLang parameter name whose plan produces it
     row_start: int
+    lead: tuple[int, ...] = ()  # index into the parameter first (a fused MoE weight's expert)
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +62,16 @@ class HfStream:
         return self.ckpt.tensors[p.reads[0].key].dtype  # stored dtype, no silent cast
 
     def _specs(self, p: ParamPlan) -> list[TensorSpec]:
+        experts = hf_expert_parts(p.name, self.dims, self.table.architecture)
+        if experts is not None:
+            out, rows_of = [], {}
+            for name, rows, lead in experts:
+                start = rows_of.get(lead, 0)
+                n = p.shape[len(lead)] if rows < 0 else rows
+                shape = (n, *p.shape[len(lead) + 1 :])
+                out.append(TensorSpec(name, shape, self._dtype(p), p.name, start, lead))
+                rows_of[lead] = start + n
+            return out
         out, row = [], 0
         for name, rows in hf_parts(p.name, self.dims):
             n = p.shape[0] if rows < 0 else rows
@@ -82,4 +94,4 @@ class HfStream:
                 self.ckpt, RankPlan(self.plan.tp, (p,)), lambda _, t=full: t, progress=False
             )
             for s in by_source[p.name]:
-                yield s, full[s.row_start : s.row_start + s.shape[0]]
+                yield s, full[s.lead][s.row_start : s.row_start + s.shape[0]]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sglang_megatron_loader.engine import execute_plan
+from sglang_megatron_loader.errors import UnsupportedCheckpointError
 from sglang_megatron_loader.export.stream import HfStream
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
@@ -109,6 +110,11 @@ def verify(
     stream: HfStream, reference: Path | None = None, prompts: list[list[int]] | None = None
 ) -> tuple[list[PromptCheck], float]:
     """Compare transformers' last-position logits with the reference; returns checks and tol."""
+    if stream.dims.num_experts:
+        raise UnsupportedCheckpointError(
+            f"{stream.ckpt.source}: verify does not cover mixture-of-experts models yet; export "
+            "it (sglang-megatron export) and load the folder with transformers' from_pretrained"
+        )
     recorded = None
     if reference is not None:
         recorded = torch.load(reference, weights_only=True)

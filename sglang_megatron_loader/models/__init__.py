@@ -9,10 +9,13 @@ from typing import Any
 
 from sglang_megatron_loader.errors import UnsupportedCheckpointError
 from sglang_megatron_loader.models.llama import LLAMA
+from sglang_megatron_loader.models.moe import MIXTRAL, QWEN3_MOE
 from sglang_megatron_loader.models.qwen import QWEN2, QWEN3
 from sglang_megatron_loader.models.table import ModelTable
 
-TABLES: dict[str, ModelTable] = {t.architecture: t for t in (LLAMA, QWEN2, QWEN3)}
+TABLES: dict[str, ModelTable] = {
+    t.architecture: t for t in (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE)
+}
 
 
 def table_for(hf_config: Any) -> ModelTable:

@@ -9,7 +9,7 @@ so every rule is a pure function of shapes that can be printed and tested withou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sglang_megatron_loader.config import ModelDims
 from sglang_megatron_loader.errors import ShardingError, WeightMismatchError
@@ -19,25 +19,44 @@ Region = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class Tp:
-    """Target tensor-parallel position."""
+    """Target tensor-parallel position; ``ep_rank``/``ep_size``: SGLang's MoE expert-parallel
+    position (``--ep-size``), which only expert weights use (not part of equality)."""
 
     rank: int
     size: int
+    ep_rank: int = field(default=0, compare=False)
+    ep_size: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ShardingError(f"tp_rank {self.rank} is outside tp_size {self.size}")
+        if self.size % self.ep_size or not 0 <= self.ep_rank < self.ep_size:
+            raise ShardingError(
+                f"ep_rank {self.ep_rank} / ep_size {self.ep_size} does not fit tp_size {self.size}"
+                " (--ep-size must divide --tp-size)"
+            )
+
+    @property
+    def expert_tp(self) -> Tp:
+        """The position that splits each expert's FFN: SGLang's ``moe_tp_rank``/``moe_tp_size``
+        (``tp_size / ep_size`` ranks, ``moe_tp_rank = tp_rank % moe_tp_size``)."""
+        n = self.size // self.ep_size
+        return Tp(self.rank % n, n)
 
 
 @dataclass(frozen=True)
 class Block:
-    """Copy source ``region`` (layer axis excluded) into target rows ``[dst[0], dst[1])``."""
+    """Copy source ``region`` (layer axis excluded) into target rows ``[dst[0], dst[1])`` of
+    ``target[lead]`` (``lead``: leading indices, e.g. the local expert of a fused MoE weight);
+    the region's dim ``row_dim`` holds the rows (1 after a stored expert axis)."""
 
     region: Region
     dst: tuple[int, int]
+    lead: tuple[int, ...] = ()
+    row_dim: int = 0
 
     def __post_init__(self) -> None:
-        rows = self.region[0][1] - self.region[0][0]
+        rows = self.region[self.row_dim][1] - self.region[self.row_dim][0]
         if rows != self.dst[1] - self.dst[0] or rows <= 0:
             raise ValueError(f"block {self.region} -> rows {self.dst}: row counts differ")
 

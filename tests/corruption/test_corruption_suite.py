@@ -618,8 +618,8 @@ CASES: list[Case] = [
         "common.pt args say num_experts=8, qk_layernorm=True, add_qkv_bias=True",
         _args(num_experts=8, qk_layernorm=True, add_qkv_bias=True),
         UnsupportedCheckpointError,
-        r"does not serve:\n  num_experts=8 \(mixture-of-experts\); accepted: None or 0\n  "
-        r"qk_layernorm=True with add_qkv_bias=True",
+        r"does not serve:\n  num_experts=8 with add_qkv_bias=True \(mixture of experts with "
+        r"qkv bias: .*\n  qk_layernorm=True with add_qkv_bias=True",
     ),
     Case(
         "unsupported_layernorm_interleaved_rope",

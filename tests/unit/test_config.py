@@ -182,9 +182,12 @@ def test_each_architecture_has_its_table(megatron_ckpt, variant: str, table: str
     )
 
 
-def test_moe_and_mla_stay_refused(stored_args) -> None:
+def test_moe_routing_beyond_softmax_topk_and_mla_stay_refused(stored_args) -> None:
     a = copy.copy(stored_args)
     a.num_experts, a.multi_latent_attention = 8, True
+    a.moe_shared_expert_intermediate_size, a.moe_router_score_function = 64, "sigmoid"
     msg = "\n".join(unsupported_args(a))
-    assert "num_experts=8 (mixture-of-experts)" in msg
+    assert "num_experts" not in msg  # served (Mixtral / Qwen3-MoE)
+    assert "moe_shared_expert_intermediate_size=64 (shared experts)" in msg
+    assert "moe_router_score_function='sigmoid'" in msg
     assert "multi_latent_attention=True (multi-latent attention (MLA))" in msg

@@ -18,7 +18,13 @@ from sglang_megatron_loader.export.writers import export_hf, export_pytorch
 
 # transformers runs fp32; a bf16 checkpoint's reference came from Megatron's bf16 forward.
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
-ARCHITECTURE = {"qkv_bias_fp32_tp2": "Qwen2ForCausalLM", "qk_norm_fp32_tp1": "Qwen3ForCausalLM"}
+ARCHITECTURE = {
+    "qkv_bias_fp32_tp2": "Qwen2ForCausalLM",
+    "qk_norm_fp32_tp1": "Qwen3ForCausalLM",
+    "moe_mixtral_fp32_tp2ep2": "MixtralForCausalLM",
+    "moe_qwen3_fp32_ep2": "Qwen3MoeForCausalLM",
+    "moe_qwen3_presoftmax_fp32_tp1": "Qwen3MoeForCausalLM",
+}
 VARIANTS = list(FIXTURE_VARIANTS)  # every fixture variant
 
 

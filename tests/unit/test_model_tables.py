@@ -105,7 +105,13 @@ def test_hf_parts_split_the_fused_bias() -> None:
 
 
 def test_tables_by_architecture() -> None:
-    assert set(TABLES) == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert set(TABLES) == {
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
     assert QWEN2.per_layer[: len(LLAMA.per_layer)] == LLAMA.per_layer
-    with pytest.raises(UnsupportedCheckpointError, match="'MixtralForCausalLM' has no Megatron"):
-        table_for(type("C", (), {"architectures": ["MixtralForCausalLM"]})())
+    with pytest.raises(UnsupportedCheckpointError, match="'DeepseekV3ForCausalLM' has no Megatron"):
+        table_for(type("C", (), {"architectures": ["DeepseekV3ForCausalLM"]})())
