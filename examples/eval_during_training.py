@@ -3,9 +3,11 @@
     python examples/eval_during_training.py --url http://127.0.0.1:30000 --run-root /ckpts/run
 
 Watches ``latest_checkpointed_iteration.txt``; when it names a new iteration, asks the server to
-reload (``/update_weights_from_disk`` with the run root: the loader follows the tracker file),
-then runs a small evaluation (greedy continuation and mean log-prob of fixed token ids) and
-prints one line per iteration. Stops after ``--evaluations`` evaluations (0: run forever).
+reload (``/update_weights_from_disk`` with the run root: the server resolves the tracker file
+once for all its ranks), then runs a small evaluation (greedy continuation and mean log-prob of
+fixed token ids) and prints one line per iteration, labelled with the iteration the server says
+it serves (``/model_info``: the ``iter_*`` folder it loaded; training may have moved on since the
+tracker was read). Stops after ``--evaluations`` evaluations (0: run forever).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def post(url: str, body: dict) -> dict:
     )
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.loads(r.read())
+
+
+def served_iteration(url: str) -> str:
+    """The iteration the server serves: its ``model_path`` is the ``iter_*`` folder it loaded."""
+    with urllib.request.urlopen(f"{url}/model_info", timeout=60) as r:
+        name = Path(json.loads(r.read())["model_path"]).name
+    return str(int(name.removeprefix("iter_"))) if name.startswith("iter_") else name
 
 
 def evaluate(url: str) -> tuple[list[int], float]:
@@ -60,7 +69,8 @@ def main() -> None:
                     seen = iteration
                     continue
             tokens, mean_lp = evaluate(ns.url)
-            print(f"iteration {iteration}: greedy {tokens} mean logprob {mean_lp:.4f}", flush=True)
+            served = served_iteration(ns.url)
+            print(f"iteration {served}: greedy {tokens} mean logprob {mean_lp:.4f}", flush=True)
             seen, done = iteration, done + 1
         time.sleep(ns.poll)
 

@@ -42,9 +42,11 @@ SGLANG_VOCAB_PAD = 64  # VocabParallelEmbedding pads the vocab to a multiple of 
 
 def refused(source: str, world: World) -> bool:
     """Query heads that cannot be split evenly over the target TP size, or tied embeddings with
-    PP > 1 (SGLang's Llama has no output layer on the last stage then)."""
+    PP > 1 for Llama (SGLang's Llama has no output layer on the last stage then; its Qwen2/Qwen3
+    have one, filled from the embedding rows)."""
     v = VARIANTS[source]
-    return v.num_attention_heads % world.tp != 0 or (v.tied_embeddings and world.pp > 1)
+    llama = not (v.qkv_bias or v.qk_layernorm)
+    return v.num_attention_heads % world.tp != 0 or (v.tied_embeddings and world.pp > 1 and llama)
 
 
 def combos(worlds: list[World], mark: Callable[[str, World], Any] | None = None) -> list[Any]:
@@ -116,7 +118,8 @@ def expected_share(source: str, world: World, tp_rank: int, pp_rank: int) -> int
     """Checkpoint bytes a rank must hold: 1/TP of every split weight (qkv bias like its weight),
     whole norms (q/k norms: one head each), its KV heads, its stage's layers. SGLang puts
     ``embed_tokens`` on the first stage; untied, its Llama has ``lm_head`` on every stage, its
-    Qwen2/Qwen3 on the last stage only; tied (PP 1 here), ``lm_head`` is ``embed_tokens``."""
+    Qwen2/Qwen3 on the last stage only; tied, ``lm_head`` is ``embed_tokens`` at PP 1, and
+    Qwen2/Qwen3's last stage holds its own copy of the embedding rows at PP > 1."""
     v = VARIANTS[source]
     hid, ffn, h, n = v.hidden_size, v.ffn_hidden_size, v.head_dim, world.tp
     q = v.num_attention_heads // n * h
@@ -130,7 +133,11 @@ def expected_share(source: str, world: World, tp_rank: int, pp_rank: int) -> int
     elements += vocab if pp_rank == 0 else 0
     elements += hid if pp_rank == world.pp - 1 else 0
     llama = not (v.qkv_bias or v.qk_layernorm)
-    elements += vocab if not v.tied_embeddings and (llama or pp_rank == world.pp - 1) else 0
+    last = pp_rank == world.pp - 1
+    if llama:
+        elements += vocab if not v.tied_embeddings else 0
+    else:
+        elements += vocab if last and not (v.tied_embeddings and world.pp == 1) else 0
     return elements * (4 if v.dtype == "fp32" else 2)
 
 
@@ -198,6 +205,15 @@ def test_rank_reads_no_more_than_it_holds(world_results, source: str, label: str
             f"{source} -> {label} rank {rank}: read {r['reads']['weight_bytes']} bytes for "
             f"{r['useful_bytes']}; over-read [read, needed]: {over}"
         )
+
+
+@pytest.mark.parametrize(("source", "label"), combos(TP_WORLDS + PP_WORLDS))
+def test_metadata_is_parsed_once_per_process(world_results, source: str, label: str) -> None:
+    """SGLang asks for the config several times, then the loader opens the checkpoint: one
+    parse of ``.metadata`` serves them all (none when the world's setup parsed it first)."""
+    for rank, r in enumerate(per_rank(world_results, source, label)):
+        parses = r["reads"]["metadata_parses"]
+        assert sum(parses.values()) <= 1, f"{source} -> {label} rank {rank}: {parses}"
 
 
 def test_unsplittable_heads_are_refused_clearly(world_results) -> None:
@@ -280,5 +296,5 @@ def twice_note(reads: dict[str, Any]) -> str:
         in_load = [r for r in t["reads"] if r.startswith("load:")]
         extra["cfg"] += size * (len(t["reads"]) - max(len(in_load), 1))
         extra["meta"] += size * max(len(in_load) - 1, 0)
-    parses = "+".join(str(n) for n in reads["metadata_parses"].values())
+    parses = "+".join(str(n) for n in reads["metadata_parses"].values()) or "0"  # 0: cached
     return f" | again: cfg {extra['cfg']} B, meta {extra['meta']} B; .metadata parsed {parses}x"

@@ -84,5 +84,9 @@ def test_loader_extra_config_is_validated() -> None:
     assert ok.extra["verify_integrity"] == "require"
     with pytest.raises(UnsupportedCheckpointError, match="verify_integrity='sometimes'"):
         MegatronModelLoader(LoadConfig(model_loader_extra_config={"verify_integrity": "sometimes"}))
-    with pytest.raises(UnsupportedCheckpointError, match=r"unknown key\(s\) \['threads'\]"):
-        MegatronModelLoader(LoadConfig(model_loader_extra_config={"threads": 8}))
+    with pytest.raises(UnsupportedCheckpointError, match=r"unknown key\(s\) \['workers'\]"):
+        MegatronModelLoader(LoadConfig(model_loader_extra_config={"workers": 8}))
+    assert MegatronModelLoader(LoadConfig(model_loader_extra_config={"threads": 8})).extra
+    for bad in (0, "8", True):
+        with pytest.raises(UnsupportedCheckpointError, match="threads=.*positive integer"):
+            MegatronModelLoader(LoadConfig(model_loader_extra_config={"threads": bad}))
