@@ -37,6 +37,7 @@ from harness import (
     _init_world,
     _publish,
     _server_args,
+    build_with_configs,
     compare,
 )
 
@@ -58,34 +59,6 @@ def _wait_for(path: Path) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.2)
-
-
-def _build_megatron(args: Any, rank: int) -> tuple[torch.nn.Module, Any, Any]:
-    """The model, its ModelConfig and LoadConfig, as the model runner builds them."""
-    from sglang.srt.configs.device_config import DeviceConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_executor.model_runner_components.load_model_utils import (
-        build_load_config,
-    )
-    from sglang.srt.model_loader import get_model
-    from sglang.srt.runtime_context import get_model as model_ns
-    from sglang.srt.runtime_context import get_parallel
-
-    _publish(args, rank)
-    model_config = ModelConfig.from_server_args(args)
-    load_config = build_load_config(
-        server_args=args,
-        tp_rank=get_parallel().tp_rank,
-        remote_instance_weight_transporter_engine=None,
-        remote_instance_weight_transporter_session_id="",
-        draft_model_idx=None,
-        weight_cache_mode=model_ns().weight_cache_mode,
-        weight_cache_socket=model_ns().weight_cache_socket,
-    )
-    model = get_model(
-        model_config=model_config, load_config=load_config, device_config=DeviceConfig("cpu")
-    )
-    return model, model_config, load_config
 
 
 def _updater(model: torch.nn.Module, model_config: Any, load_config: Any, rank: int) -> Any:
@@ -124,7 +97,7 @@ def main(job_path: str, rank: int) -> None:
 
     if rank > 0:  # a later rank starts after training published the next iteration
         _wait_for(workdir / "rank0_built")
-    model, model_config, load_config = _build_megatron(args, rank)
+    model, model_config, load_config = build_with_configs(args, rank)
     if rank == 0:
         (run_root / TRACKER).write_text(job["published_while_starting"])
         (workdir / "rank0_built").touch()

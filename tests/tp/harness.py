@@ -404,6 +404,11 @@ def _init_world(world: World, rank: int, port: int, first: Any) -> None:
 
 def _build(server_args: Any, rank: int) -> torch.nn.Module:
     """SGLang's own path from server args to a loaded model (as the model runner does it)."""
+    return build_with_configs(server_args, rank)[0]
+
+
+def build_with_configs(server_args: Any, rank: int) -> tuple[torch.nn.Module, Any, Any]:
+    """:func:`_build`, also returning the ``ModelConfig`` and ``LoadConfig`` it used."""
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_executor.model_runner_components.load_model_utils import (
@@ -424,9 +429,10 @@ def _build(server_args: Any, rank: int) -> torch.nn.Module:
         weight_cache_mode=model_ns().weight_cache_mode,
         weight_cache_socket=model_ns().weight_cache_socket,
     )
-    return get_model(
+    model = get_model(
         model_config=model_config, load_config=load_config, device_config=DeviceConfig("cpu")
     )
+    return model, model_config, load_config
 
 
 def useful_bytes(model: torch.nn.Module, itemsize: int) -> int:
