@@ -652,15 +652,6 @@ def _rchar() -> int:
     return int(match.group(1)) if match else 0
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """The same files (same inodes: the page cache stays warm) under a new path."""
-    for root, _, files in os.walk(src):
-        rel = Path(root).relative_to(src)
-        (dst / rel).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.link(Path(root) / name, dst / rel / name)
-
-
 @dataclasses.dataclass
 class Floor:
     """Byte ranges read into one reused buffer: ``preadv`` per contiguous run, one strided copy
@@ -797,6 +788,8 @@ class Rank:
         self.count += 1
         dst = self.links / f"c{self.count:05d}" / Path(src).name
         if self.rank == 0:
+            from make_bench_layouts import link_tree  # this script's folder: sys.path[0]
+
             link_tree(Path(src), dst)
         self.barrier()
         return dst

@@ -15,9 +15,8 @@ import reprlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from sglang_megatron_loader.checkpoint.safe_pickle import SafeUnpickler
+from sglang_megatron_loader.checkpoint.safe_pickle import SafeUnpickler, unreadable_pickle
 from sglang_megatron_loader.errors import (
-    CorruptCheckpointError,
     MegatronLoaderError,
     UnsafePickleError,
 )
@@ -206,7 +205,4 @@ def unpickle_dcp_metadata(data: bytes, *, source: str) -> tuple[Any, frozenset[s
     except MegatronLoaderError:
         raise
     except Exception as exc:  # any parse failure of untrusted bytes
-        raise CorruptCheckpointError(
-            f"{source}: cannot unpickle ({type(exc).__name__}: {exc}); the file is truncated, "
-            "damaged or not a pickle"
-        ) from exc
+        raise unreadable_pickle(source, exc) from exc

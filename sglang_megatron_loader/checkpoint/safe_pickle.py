@@ -191,7 +191,12 @@ def safe_loads(data: bytes | io.BufferedIOBase, *, source: str) -> Any:
     except UnsafePickleError:
         raise
     except Exception as exc:  # any parse failure of untrusted bytes
-        raise CorruptCheckpointError(
-            f"{source}: cannot unpickle ({type(exc).__name__}: {exc}); the file is truncated, "
-            "damaged or not a pickle"
-        ) from exc
+        raise unreadable_pickle(source, exc) from exc
+
+
+def unreadable_pickle(source: str, exc: Exception) -> CorruptCheckpointError:
+    """The error for untrusted bytes that fail to unpickle (every unpickler here says it so)."""
+    return CorruptCheckpointError(
+        f"{source}: cannot unpickle ({type(exc).__name__}: {exc}); the file is truncated, "
+        "damaged or not a pickle"
+    )
