@@ -99,3 +99,30 @@ def test_export_and_inspect_use_the_true_vocabulary(
     assert info["vocab"] == want
     assert cli(["inspect", str(root), "--tokenizer", str(tok)]) == 0
     assert "vocab        250 tokens served of 256 stored rows" in capsys.readouterr().out
+
+
+def test_the_tokenizer_count_is_kept_per_content_not_per_path(tmp_path, monkeypatch) -> None:
+    """The count is kept on disk under a digest of the tokenizer's files: a copy elsewhere is
+    not rebuilt, a changed file is, and a damaged kept count is ignored."""
+    from sglang_megatron_loader import vocab
+    from sglang_megatron_loader.checkpoint.integrity import VERDICT_ENV
+
+    monkeypatch.setenv(VERDICT_ENV, str(tmp_path / "verdicts"))
+    built: list[str] = []
+    count = vocab._count_tokens
+    monkeypatch.setattr(vocab, "_count_tokens", lambda f: built.append(f) or count(f))
+
+    def size(folder: Path) -> int:
+        vocab.tokenizer_vocab_size.cache_clear()
+        return vocab.tokenizer_vocab_size(str(folder))
+
+    first = make_tokenizer(tmp_path / "a", 250)
+    assert size(first) == 250 and built == [str(first)]
+    copy = make_tokenizer(tmp_path / "b", 250)  # same files, another path
+    assert size(copy) == 250 and built == [str(first)]
+    other = make_tokenizer(tmp_path / "c", 300)
+    assert size(other) == 300 and built[-1] == str(other)
+    (entry,) = [p for p in (tmp_path / "verdicts").glob("*.vocab") if p.read_text() == "250"]
+    entry.write_text("garbage")
+    assert size(copy) == 250 and built[-1] == str(copy)
+    assert entry.read_text() == "250"
