@@ -21,7 +21,7 @@ import torch
 
 from sglang_megatron_loader.checkpoint import scatter
 from sglang_megatron_loader.checkpoint.dcp_metadata import DcpMetadata, read_dcp_metadata
-from sglang_megatron_loader.checkpoint.torchzip import TensorRef, TorchZip
+from sglang_megatron_loader.checkpoint.torchzip import TensorRef, locate_tensor
 from sglang_megatron_loader.errors import CorruptCheckpointError, IncompleteCheckpointError
 
 Slice = tuple[tuple[int, int], ...]  # (start, stop) per dimension
@@ -141,9 +141,7 @@ class DcpCheckpoint:
                 f"{source}: file has {os.fstat(f.fileno()).st_size} bytes, the metadata places "
                 f"the chunk at bytes {chunk.offset}..{chunk.offset + chunk.length}; truncated"
             )
-        ref = TorchZip(f, chunk.offset, chunk.length, source=source).locate()
-        if not isinstance(ref, TensorRef):
-            raise CorruptCheckpointError(f"{source}: chunk is not a tensor ({type(ref).__name__})")
+        ref = locate_tensor(f, chunk.offset, chunk.length, source=source)
         if ref.size != chunk.sizes or ref.storage.dtype != info.dtype or not ref.is_contiguous():
             raise CorruptCheckpointError(
                 f"{source}: expected a contiguous {info.dtype} tensor of shape {chunk.sizes}, "

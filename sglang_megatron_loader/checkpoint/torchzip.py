@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -292,6 +293,186 @@ class TorchZip:
                 f"{self.source}: tensor of shape {tuple(size)} (stride {tuple(stride)}, offset "
                 f"{offset}) reaches element {last} of a storage of {numel} elements"
             )
+
+
+# -- the common case, fast ------------------------------------------------------------------
+#
+# A DCP chunk is one ``torch.save`` of one contiguous tensor, and a load locates hundreds of
+# them. ``zipfile`` plus a fresh unpickle costs ~1 ms each (and holds the GIL the reading threads
+# need), so :func:`locate_tensor` parses the archive's directory itself in three small ``pread``
+# calls and unpickles each distinct ``data.pkl`` once per process (chunks of one shape and dtype
+# pickle to the same bytes). Anything it does not expect (a comment, 32-bit size escapes, a
+# compressed entry, damage) sends the chunk down the full :class:`TorchZip` path, whose errors
+# name what is wrong.
+
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_CENTRAL_MAGIC = 0x02014B50
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD_MAGIC = 0x06054B50
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_ZIP64_LOCATOR_MAGIC = 0x07064B50
+_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_EOCD_MAGIC = 0x06064B50
+_HEAD = 4096  # bytes read from each end of an archive in one call
+_SKIMMED: dict[bytes, LazyTensor] = {}
+_SKIMMED_MAX = 4096
+
+
+def locate_tensor(f: BinaryIO, start: int, length: int, *, source: str) -> TensorRef:
+    """:meth:`TorchZip.locate` of an archive holding one tensor (a DCP chunk), without
+    ``zipfile`` in the common case; a non-tensor payload is a :class:`CorruptCheckpointError`."""
+    ref = _fast_locate(f.fileno(), start, length, source)
+    if ref is not None:
+        return ref
+    ref = TorchZip(f, start, length, source=source).locate()
+    if not isinstance(ref, TensorRef):
+        raise CorruptCheckpointError(f"{source}: chunk is not a tensor ({type(ref).__name__})")
+    return ref
+
+
+def _fast_locate(fd: int, start: int, length: int, source: str) -> TensorRef | None:
+    """None wherever the archive is not exactly the plain form ``torch.save`` writes."""
+    if length < _EOCD.size:
+        return None
+    tail_len = min(length, _HEAD)
+    tail = os.pread(fd, tail_len, start + length - tail_len)
+    if len(tail) != tail_len:
+        return None
+    entries = _central_directory(fd, start, length, tail)
+    if entries is None or "data.pkl" not in entries:
+        return None
+    head_len = min(length, _HEAD)
+    head = os.pread(fd, head_len, start)
+    if len(head) != head_len:
+        return None
+
+    def data(name: str, want_bytes: bool) -> tuple[int, bytes] | None:
+        """(offset in the archive, the bytes if asked) of a stored entry."""
+        at = entries.get(name)
+        if at is None:
+            return None
+        hdr, size, full, crc = at
+        raw = head[hdr : hdr + _LOCAL_HEADER.size + len(full) + 256]
+        if len(raw) < _LOCAL_HEADER.size:
+            raw = os.pread(fd, _LOCAL_HEADER.size + len(full) + 256, start + hdr)
+        if len(raw) < _LOCAL_HEADER.size:
+            return None
+        fields = _LOCAL_HEADER.unpack_from(raw)
+        if fields[0] != _LOCAL_MAGIC or fields[3] != zipfile.ZIP_STORED:
+            return None
+        name_len, extra_len = fields[9], fields[10]
+        if raw[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_len] != full:
+            return None
+        offset = hdr + _LOCAL_HEADER.size + name_len + extra_len
+        if offset + size > length:
+            return None
+        if not want_bytes:
+            return offset, b""
+        payload = head[offset : offset + size]
+        if len(payload) != size:
+            payload = os.pread(fd, size, start + offset)
+        ok = len(payload) == size and zlib.crc32(payload) == crc
+        return (offset, payload) if ok else None
+
+    byteorder = data("byteorder", True)
+    if byteorder is not None and byteorder[1].strip() not in (b"little", b""):
+        return None
+    pkl = data("data.pkl", True)
+    if pkl is None:
+        return None
+    lazy = _SKIMMED.get(pkl[1])
+    if lazy is None:
+        try:
+            lazy = _skim_pickle(pkl[1], source)
+        except MegatronLoaderError:
+            return None
+        if lazy is None:
+            return None
+        if len(_SKIMMED) < _SKIMMED_MAX:
+            _SKIMMED[pkl[1]] = lazy
+    storage = data(f"data/{lazy.storage_key}", False)
+    if storage is None:
+        return None
+    nbytes = entries[f"data/{lazy.storage_key}"][1]
+    if nbytes != lazy.numel * lazy.dtype.itemsize:
+        return None
+    ref = StorageRef(start + storage[0], nbytes, lazy.dtype, lazy.numel)
+    return TensorRef(ref, lazy.storage_offset, lazy.size, lazy.stride)
+
+
+def _central_directory(
+    fd: int, start: int, length: int, tail: bytes
+) -> dict[str, tuple[int, int, bytes, int]] | None:
+    """``{name after the archive prefix: (local header offset, size, full name, CRC-32)}`` of a zip
+    whose directory is plain: no comment, no 32-bit escapes, stored entries only."""
+    eocd = _EOCD.unpack_from(tail, len(tail) - _EOCD.size)
+    if eocd[0] != _EOCD_MAGIC or eocd[7] != 0 or eocd[1] or eocd[2]:
+        return None
+    count, cd_size, cd_offset = eocd[4], eocd[5], eocd[6]
+    loc_at = len(tail) - _EOCD.size - _ZIP64_LOCATOR.size
+    if loc_at >= 0 and _ZIP64_LOCATOR.unpack_from(tail, loc_at)[0] == _ZIP64_LOCATOR_MAGIC:
+        z64_at = loc_at - _ZIP64_EOCD.size
+        if z64_at < 0:
+            return None
+        z64 = _ZIP64_EOCD.unpack_from(tail, z64_at)
+        located = _ZIP64_LOCATOR.unpack_from(tail, loc_at)[2] == length - len(tail) + z64_at
+        if z64[0] != _ZIP64_EOCD_MAGIC or z64[6] != z64[7] or not located:
+            return None
+        count, cd_size, cd_offset = z64[7], z64[8], z64[9]
+    if not 0 < count <= 64 or cd_size > 64 * 1024 or cd_offset + cd_size > length:
+        return None
+    tail_start = length - len(tail)
+    if cd_offset >= tail_start:
+        cd = tail[cd_offset - tail_start : cd_offset - tail_start + cd_size]
+    else:
+        cd = os.pread(fd, cd_size, start + cd_offset)
+    if len(cd) != cd_size:
+        return None
+    out: dict[str, tuple[int, int, bytes, int]] = {}
+    at = 0
+    for _ in range(count):
+        if at + _CENTRAL.size > len(cd):
+            return None
+        e = _CENTRAL.unpack_from(cd, at)
+        if e[0] != _CENTRAL_MAGIC or e[4] != zipfile.ZIP_STORED:
+            return None
+        csize, usize, name_len, extra_len, comment_len, hdr = e[8], e[9], e[10], e[11], e[12], e[16]
+        if csize != usize or 0xFFFFFFFF in (csize, hdr):
+            return None
+        name = cd[at + _CENTRAL.size : at + _CENTRAL.size + name_len]
+        at += _CENTRAL.size + name_len + extra_len + comment_len
+        if len(name) != name_len or hdr + _LOCAL_HEADER.size > length:
+            return None
+        out[name.decode("utf-8", "replace").split("/", 1)[-1]] = (hdr, usize, name, e[7])
+    return out if at == len(cd) else None
+
+
+def _skim_pickle(data: bytes, source: str) -> LazyTensor | None:
+    """The one tensor ``data.pkl`` describes (storages named, not located), through the same
+    allow-list and view checks as :meth:`TorchZip.skim`; None if it is not one tensor."""
+    checker = TorchZip.__new__(TorchZip)
+    checker.source = source
+
+    def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> LazyTensor:
+        if not (isinstance(storage, tuple) and len(storage) == 3):
+            raise CorruptCheckpointError(f"{source}: malformed tensor record")
+        storage_type, key, numel = storage
+        checker._check_view(numel, offset, size, stride, key)
+        return LazyTensor(key, storage_type.dtype, numel, offset, tuple(size), tuple(stride))
+
+    extra = {
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild,
+        ("torch._utils", "_rebuild_tensor"): rebuild,
+    }
+    try:
+        obj = SafeUnpickler(
+            io.BytesIO(data), source=source, extra=extra, persistent_load=checker._storage_pid
+        ).load()
+    except MegatronLoaderError:
+        raise
+    except Exception:  # the full path reports it
+        return None
+    return obj if isinstance(obj, LazyTensor) else None
 
 
 def _short(value: Any, limit: int = 120) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -147,3 +148,48 @@ def test_metadata_json_with_other_backend_is_refused(ckpt_copy) -> None:
     (root / "iter_0000010" / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
     with pytest.raises(Exception, match="sharded_backend is 'zarr'"):
         resolve(root)
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["no_tokenizer_bf16_tp2", "bf16_fp32norms_tp1", "moe_mixtral_fp32_tp2ep2", "mcore_0.14.0", "mcore_0.19.2", "torch_2.15",
+     "bridge_0.6.2"],
+)  # fmt: skip
+def test_the_fast_chunk_locator_agrees_with_zipfile_on_every_chunk(megatron_ckpt, where) -> None:
+    """Every chunk of checkpoints written by several megatron-core, torch and Megatron-Bridge
+    versions takes the fast path, and it finds what the full zip parse finds."""
+    from sglang_megatron_loader.checkpoint.torchzip import TorchZip, _fast_locate
+
+    root = GOLDEN / where if (GOLDEN / where).is_dir() else megatron_ckpt(where)
+    folders = sorted({m.parent for m in root.rglob(".metadata")})
+    assert folders
+    seen = 0
+    for folder in folders:
+        with DcpCheckpoint(folder) as ckpt:
+            tensors = ckpt.tensors
+        for key, info in tensors.items():
+            for chunk in info.chunks:
+                with open(folder / chunk.relative_path, "rb") as f:
+                    full = TorchZip(f, chunk.offset, chunk.length, source=key).locate()
+                    fast = _fast_locate(f.fileno(), chunk.offset, chunk.length, key)
+                assert fast == full, (folder, key, chunk.offsets)
+                seen += 1
+    assert seen > 10
+
+
+def test_a_damaged_chunk_falls_back_to_the_full_parse_and_its_error(ckpt_copy) -> None:
+    """Damage the fast path does not expect is reported by the full parse, naming the file."""
+    from sglang_megatron_loader.checkpoint.torchzip import _fast_locate, locate_tensor
+
+    folder = next(ckpt_copy("no_tokenizer_bf16_tp2").rglob(".metadata")).parent
+    with DcpCheckpoint(folder) as ckpt:
+        chunk = ckpt.tensors["embedding.word_embeddings.weight"].chunks[0]
+    path = folder / chunk.relative_path
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), b"\0\0\0\0", chunk.offset + chunk.length - 22)  # the EOCD magic
+        assert _fast_locate(f.fileno(), chunk.offset, chunk.length, "x") is None
+        with pytest.raises(CorruptCheckpointError, match="torch.save zip archive"):
+            locate_tensor(f, chunk.offset, chunk.length, source=str(path))
