@@ -21,6 +21,7 @@ from sglang_megatron_loader.checkpoint.bridge import RUN_CONFIG
 from sglang_megatron_loader.checkpoint.locate import find_tokenizer
 from sglang_megatron_loader.config import ModelDims, hf_config_from_args, unsupported_args
 from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
+from sglang_megatron_loader.gcpause import paused_gc
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.models.table import ModelTable
@@ -132,7 +133,7 @@ def hf_config_for(
         tuple(sorted(ignore_args)),
     )
     if meta is None or key not in _CONFIG_CACHE:
-        with MegatronCheckpoint(iter_dir) as ckpt:
+        with paused_gc(), MegatronCheckpoint(iter_dir) as ckpt:
             _CONFIG_CACHE[key] = checkpoint_hf_config(ckpt, overrides, tokenizer, ignore_args)
     return copy.deepcopy(_CONFIG_CACHE[key])
 

@@ -51,6 +51,7 @@ from sglang_megatron_loader.errors import (
     IncompleteCheckpointError,
     UnsupportedCheckpointError,
 )
+from sglang_megatron_loader.gcpause import paused_gc
 
 
 # -- the parsed result -------------------------------------------------------------------------
@@ -115,6 +116,11 @@ def read_dcp_metadata(path: Path) -> DcpMetadata:
 
 def parse_dcp_metadata(data: bytes, *, source: str) -> DcpMetadata:
     """Parse the bytes of a ``.metadata`` file (named ``source`` in messages)."""
+    with paused_gc():
+        return _parse_dcp_metadata(data, source)
+
+
+def _parse_dcp_metadata(data: bytes, source: str) -> DcpMetadata:
     root, names = unpickle_dcp_metadata(data, source=source)
     if not isinstance(root, MetadataRecord):
         raise CorruptCheckpointError(

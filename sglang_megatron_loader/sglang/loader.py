@@ -28,6 +28,7 @@ from sglang_megatron_loader.errors import (
     UnsupportedCheckpointError,
     WeightMismatchError,
 )
+from sglang_megatron_loader.gcpause import paused_gc
 from sglang_megatron_loader.models import table_for
 from sglang_megatron_loader.models.rules import Tp
 from sglang_megatron_loader.planner import RankPlan, plan_parameter, plan_rank
@@ -188,7 +189,8 @@ class MegatronModelLoader(BaseModelLoader):
 
     def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> nn.Module:
         try:
-            return self._load_model(model_config, device_config)
+            with paused_gc():
+                return self._load_model(model_config, device_config)
         except MegatronLoaderError as exc:
             # one clear line in the scheduler's log, above SGLang's traceback of the same error
             logger.error("sglang-megatron-loader: %s", exc)
