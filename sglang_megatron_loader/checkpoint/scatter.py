@@ -137,3 +137,53 @@ def _one_span(box: Box, sizes: tuple[int, ...]) -> bool:
     while k > 0 and tuple(box[k]) == (0, sizes[k]):
         k -= 1
     return all(hi - lo == 1 for lo, hi in box[:k])
+
+
+# -- fresh destinations ---------------------------------------------------------------------
+#
+# A CPU parameter SGLang has just allocated is untouched memory: the first write to each 4 KiB
+# page faults, and for a freshly built model that costs more than reading the bytes. Asking the
+# kernel for transparent huge pages on the parameter's memory before the reads turns 512 faults
+# into one. Measured on a busy 2-core machine, 400 MB read from a cached file into fresh memory:
+# 0.45 s with 4 KiB pages, 0.14 s with huge pages (median of 10); into a reused buffer 0.05 s.
+# torch's own CPU allocator does the same for its allocations under ``THP_MEM_ALLOC_ENABLE=1``.
+# Only whole 2 MiB pages inside the tensor's storage are advised (no memory beyond it is
+# committed); where the kernel has no transparent huge pages the call changes nothing.
+
+HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC: list[Any] = []
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask for transparent huge pages on the whole 2 MiB pages of ``t``'s CPU storage, before
+    it is first written. True if the kernel accepted the advice."""
+    import ctypes
+    import sys
+
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    storage = t.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    lo = -(-start // HUGE_PAGE) * HUGE_PAGE
+    hi = (start + size) // HUGE_PAGE * HUGE_PAGE
+    if hi - lo < HUGE_PAGE:
+        return False
+    if not _LIBC:
+        _LIBC.append(_libc())
+    libc = _LIBC[0]
+    if libc is None:
+        return False
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
