@@ -1,7 +1,8 @@
 """Read Megatron-LM's legacy per-rank ``torch`` format (``--ckpt-format torch``).
 
-``iter_X/mp_rank_{TT}/model_optim_rng.pt`` (``mp_rank_{TT}_{PPP}`` with pipeline parallelism)
-is one ``torch.save`` per (TP, PP) rank of data-parallel rank 0 holding ``args``,
+``iter_X/mp_rank_{TT}/model_optim_rng.pt`` (``mp_rank_{TT}_{PPP}`` with pipeline parallelism,
+``..._{EEE}`` with expert parallelism; which files exist: ``legacy_experts``) is one
+``torch.save`` per (TP, PP, EP) rank of (expert-)data-parallel rank 0 holding ``args``,
 ``checkpoint_version``, ``iteration``, ``model`` (``model0``, ``model1``, ... with virtual
 pipeline stages), ``optimizer``, ``opt_param_scheduler`` and ``rng_state``. ``distrib_optim.pt``
 beside it (distributed optimizer) is never opened.
@@ -31,15 +32,18 @@ from sglang_megatron_loader.checkpoint.dcp import (
     TensorInfo,
     _contiguous_strides,
 )
+from sglang_megatron_loader.checkpoint.legacy_experts import RankLayout
 from sglang_megatron_loader.checkpoint.torchzip import LazyTensor, StorageRef, TensorRef, TorchZip
 from sglang_megatron_loader.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    MegatronLoaderError,
     UnsupportedCheckpointError,
 )
 
 FILENAME = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
+_FIRST = ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000")  # TP, PP and EP rank 0
 _MODEL_KEY = re.compile(r"^model(\d*)$")
 MIN_CHECKPOINT_VERSION = 2.0
 
@@ -75,20 +79,13 @@ _RNG_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-def rank_dirs(iter_dir: Path) -> dict[tuple[int, int], Path]:
-    """``{(tp_rank, pp_rank): mp_rank_* folder}``; expert-parallel names are refused."""
-    out: dict[tuple[int, int], Path] = {}
-    for child in sorted(iter_dir.iterdir()):
-        hit = _RANK_DIR.match(child.name)
-        if not hit or not child.is_dir():
-            continue
-        if hit.group(3) is not None:
-            raise UnsupportedCheckpointError(
-                f"{child}: expert-parallel legacy checkpoints (mp_rank_TT_PPP_EEE) are not "
-                "supported; re-save with --ckpt-format torch_dist"
-            )
-        out[(int(hit.group(1)), int(hit.group(2) or 0))] = child
-    return out
+def rank_dirs(iter_dir: Path) -> dict[str, Path]:
+    """``{name: folder}`` of the ``mp_rank_*`` folders (which names fit depends on the args)."""
+    return {
+        child.name: child
+        for child in sorted(iter_dir.iterdir())
+        if _RANK_DIR.match(child.name) and child.is_dir()
+    }
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -124,23 +121,26 @@ class LegacyCheckpoint(DcpCheckpoint):
 
     def _open(self) -> None:
         dirs = rank_dirs(self.folder)
-        first = dirs.get((0, 0))
+        first = next((dirs[n] for n in _FIRST if n in dirs), None)
         if first is None:
-            raise CorruptCheckpointError(f"{self.folder}: no mp_rank_00 or mp_rank_00_000 folder")
+            raise CorruptCheckpointError(
+                f"{self.folder}: no {', '.join(_FIRST[:-1])} or {_FIRST[-1]} folder"
+            )
         state, zf = self._skim(first / FILENAME)
         self.common = {k: v for k, v in state.items() if not self._heavy(k)}
         args = self._check_top(state, first / FILENAME)
-        tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
-        self.layout = (tp, pp)
-        expected = {(t, p) for t in range(tp) for p in range(pp)}
-        self._check_rank_dirs(dirs, expected, tp, pp)
-        zips = {(0, 0): (state, zf)}
-        zips.update({tp_pp: self._skim(dirs[tp_pp] / FILENAME) for tp_pp in expected - {(0, 0)}})
+        ranks = self._rank_layout(args, first / FILENAME)
+        self.layout = (ranks.tp, ranks.pp)
+        self._check_rank_dirs(dirs, ranks)
+        zips = {}
+        for k in sorted(ranks.files):  # (tp, pp, ep) rank of each file
+            folder = dirs[ranks.folder(*k)]
+            zips[k] = (state, zf) if folder == first else self._skim(folder / FILENAME)
         local: list[layout.LocalTensor] = []
         lazies: dict[layout.LocalTensor, tuple[LazyTensor, TorchZip]] = {}
         vpps = set()
         self.other_bytes = 0  # optimizer, RNG and other tensors in the files: never read
-        for (t, p), (st, z) in sorted(zips.items()):
+        for (t, p, e), (st, z) in sorted(zips.items()):
             rest = {k: v for k, v in st.items() if not _MODEL_KEY.match(str(k))}
             self.other_bytes += sum(s.numel * s.dtype.itemsize for s in _storages(rest).values())
             chunks = self._model_chunks(st, z.source)
@@ -148,7 +148,7 @@ class LegacyCheckpoint(DcpCheckpoint):
             for v, model in enumerate(chunks):
                 for key, value in model.items():
                     if isinstance(value, LazyTensor):
-                        lt = layout.LocalTensor(t, p, v, key, value.dtype, value.size, z.source)
+                        lt = layout.LocalTensor(t, p, v, key, value.dtype, value.size, z.source, e)
                         local.append(lt)
                         lazies[lt] = (value, z)
         if len(vpps) != 1:
@@ -158,11 +158,14 @@ class LegacyCheckpoint(DcpCheckpoint):
             )
         merged = layout.merge(
             local,
-            tp=tp,
-            pp=pp,
+            tp=ranks.tp,
+            pp=ranks.pp,
             vpp=vpps.pop(),
             num_layers=int(args.num_layers),
             gated=bool(getattr(args, "swiglu", False)),
+            ep=ranks.ep,
+            etp=ranks.expert_tp,
+            num_experts=ranks.num_experts,
         )
         self.tensors = {k: self._tensor_info(g, lazies) for k, g in merged.items()}
 
@@ -201,12 +204,26 @@ class LegacyCheckpoint(DcpCheckpoint):
                 f"{MIN_CHECKPOINT_VERSION} store query_key_value rows in an older order that "
                 "this loader does not convert. Load and save it once with a current Megatron-LM."
             )
-        if int(getattr(args, "expert_model_parallel_size", 1) or 1) > 1:
-            raise UnsupportedCheckpointError(
-                f"{path}: expert_model_parallel_size is {args.expert_model_parallel_size}; "
-                "expert-parallel legacy checkpoints are not supported"
-            )
         return args
+
+    @staticmethod
+    def _rank_layout(args: Any, path: Path) -> RankLayout:
+        """The TP/PP/EP/expert-TP layout the args give, and so the files the save wrote."""
+        tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+        ep = int(getattr(args, "expert_model_parallel_size", None) or 1)
+        etp = int(getattr(args, "expert_tensor_parallel_size", None) or tp)  # mcore's default
+        num_experts = int(getattr(args, "num_experts", None) or 0)
+        if ep > 1 and etp != tp and pp > 1 and getattr(args, "use_tp_pp_dp_mapping", False):
+            raise UnsupportedCheckpointError(
+                f"{path}: use_tp_pp_dp_mapping with pipeline and expert parallelism and "
+                f"expert_tensor_parallel_size={etp} != tensor_model_parallel_size={tp}: which "
+                "file holds which experts is not established for that rank order; re-save "
+                "with --ckpt-format torch_dist"
+            )
+        try:
+            return RankLayout(tp, pp, ep, etp, num_experts)
+        except MegatronLoaderError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
 
     def _refuse_non_mcore(self, state: dict[str, Any], path: Path) -> None:
         """The pre-mcore GPT model stores ``language_model.*`` (nested dicts): refused by name."""
@@ -221,26 +238,21 @@ class LegacyCheckpoint(DcpCheckpoint):
                         "checkpoint to an mcore model (Megatron-LM tools/checkpoint) first"
                     )
 
-    def _check_rank_dirs(
-        self, dirs: dict[tuple[int, int], Path], expected: set[tuple[int, int]], tp: int, pp: int
-    ) -> None:
-        def name(t: int, p: int) -> str:
-            return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-
+    def _check_rank_dirs(self, dirs: dict[str, Path], ranks: RankLayout) -> None:
+        """The folders are exactly those the args' layout writes (:attr:`RankLayout.files`)."""
+        expected = {ranks.folder(*k) for k in ranks.files}
         missing = sorted(expected - set(dirs))
         if missing:
             raise IncompleteCheckpointError(
-                f"{self.folder}: args say tensor_model_parallel_size={tp}, "
-                f"pipeline_model_parallel_size={pp}, but {', '.join(name(*m) for m in missing)} "
-                "is missing; the save is incomplete or the copy partial"
+                f"{self.folder}: args say {ranks.describe()}, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing; the save is incomplete or "
+                "the copy partial"
             )
         extra = sorted(set(dirs) - expected)
-        wrong = [d for tp_pp, d in dirs.items() if tp_pp in expected and d.name != name(*tp_pp)]
-        if extra or wrong:
-            names = [dirs[e].name for e in extra] + [d.name for d in wrong]
+        if extra:
             raise CorruptCheckpointError(
-                f"{self.folder}: folders {names} do not fit the layout the args give "
-                f"(tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp})"
+                f"{self.folder}: folders {extra} do not fit the layout the args give "
+                f"({ranks.describe()}; expected {sorted(expected)})"
             )
 
     def _model_chunks(self, state: dict[str, Any], source: str) -> list[dict[str, Any]]:

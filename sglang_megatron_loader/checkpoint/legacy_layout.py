@@ -6,6 +6,12 @@ how mcore's layers partition each tensor (the legacy format records nothing abou
 expresses every rank's share as *pieces* of the global tensors ``torch_dist`` would store under
 the same keys: stacked ``decoder.layers.<name>`` with a leading layer axis, the other keys as
 they are. The pieces then play the role of DCP chunks.
+
+Mixture-of-experts layers (``legacy_experts``): each expert's tensors, spread over the
+expert-parallel files and split over the expert-TP ranks, become one global tensor per layer
+with a leading expert axis, ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` and
+``linear_fc2.weight`` ``[E, H, F]`` (stacked over layers as torch_dist stores them); dense
+tensors, repeated in every expert-parallel file of a TP rank, are read from one of them.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from sglang_megatron_loader.checkpoint import legacy_experts as experts
+from sglang_megatron_loader.checkpoint.legacy_experts import RankLayout
 from sglang_megatron_loader.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
 LAYER_PREFIX = "decoder.layers."
@@ -66,7 +75,7 @@ _NORM = r"(layer_norm_(weight|bias)|(^|\.)(input_layernorm|pre_mlp_layernorm|q_l
 PARTITIONS: tuple[tuple[re.Pattern[str], Partition | None], ...] = tuple(
     (re.compile(p), rule)
     for p, rule in (
-        (r"(^|\.)_extra_state$", None),
+        (r"(^|\.)_extra_state\d*$", None),
         (_NORM, REPLICATED),
         (r"linear_qkv\.(weight|bias)$", COLUMN),
         (r"linear_fc1\.(weight|bias)$", GATED),  # COLUMN when the MLP is not gated
@@ -74,6 +83,7 @@ PARTITIONS: tuple[tuple[re.Pattern[str], Partition | None], ...] = tuple(
         (r"(linear_proj|linear_fc2)\.bias$", REPLICATED),
         (r"^(embedding\.word_embeddings\.weight|output_layer\.(weight|bias))$", COLUMN),
         (r"^embedding\.position_embeddings\.weight$", REPLICATED),
+        (r"(^|\.)mlp\.router\.weight$", REPLICATED),  # every TP and EP rank holds it whole
     )
 )
 
@@ -91,7 +101,8 @@ def partition_of(key: str, *, gated: bool) -> Partition | None:
 
 @dataclass(frozen=True)
 class LocalTensor:
-    """One tensor of one model chunk of one rank, as stored (``key`` is the stored key)."""
+    """One tensor of one model chunk of one rank's file, as stored (``key`` is the stored key;
+    ``ep``: the file's expert-parallel rank)."""
 
     tp: int
     pp: int
@@ -100,6 +111,7 @@ class LocalTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: str  # for messages
+    ep: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,9 +172,20 @@ def layer_count(tensors: list[LocalTensor]) -> int:
 
 
 def merge(
-    tensors: list[LocalTensor], *, tp: int, pp: int, vpp: int, num_layers: int, gated: bool
+    tensors: list[LocalTensor],
+    *,
+    tp: int,
+    pp: int,
+    vpp: int,
+    num_layers: int,
+    gated: bool,
+    ep: int = 1,
+    etp: int | None = None,
+    num_experts: int = 0,
 ) -> dict[str, GlobalTensor]:
-    """Every model tensor of the training layout as a global tensor made of per-rank pieces."""
+    """Every model tensor of the training layout as a global tensor made of per-rank pieces
+    (``ep``, ``etp``, ``num_experts``: the expert layout, :class:`RankLayout`)."""
+    ranks = RankLayout(tp, pp, ep, etp, num_experts)
     chunks: dict[tuple[int, int], list[LocalTensor]] = defaultdict(list)
     for t in tensors:
         if t.tp == 0:
@@ -175,7 +198,9 @@ def merge(
             f"({ {f'pp{p}/vp{v}': n for (p, v), n in sorted(counts.items())} }); args say "
             f"num_layers={num_layers}"
         )
+    dense_from = ranks.dense_sources()
     by_name: dict[tuple[str, int | None], dict[int, LocalTensor]] = defaultdict(dict)
+    by_expert: dict[tuple[str, int], dict[tuple[int, int], LocalTensor]] = defaultdict(dict)
     stage_of: dict[tuple[str, int | None], tuple[int, int]] = {}
     for t in tensors:
         name = global_name(t, offsets[(t.pp, t.vp)])
@@ -185,16 +210,112 @@ def merge(
                 f"{t.file}: key '{t.key}' (global '{name[0]}') is also held by pipeline rank "
                 f"{p} chunk {v}; each tensor must belong to one pipeline stage"
             )
-        by_name[name][t.tp] = t
+        if not _file_expert(t, name, ranks, by_expert) and dense_from.get((t.tp, t.pp)) == t.ep:
+            by_name[name][t.tp] = t
     per_layer: dict[tuple[str, int | None], GlobalTensor] = {}
-    for (key, layer), ranks in by_name.items():
+    for (key, layer), held in by_name.items():
         rule = partition_of(key, gated=gated)
         if rule is not None:
-            per_layer[(key, layer)] = _merge_tp(key, ranks, rule, tp)
+            per_layer[(key, layer)] = _merge_tp(key, held, rule, tp)
+    for (key, layer), slots in by_expert.items():
+        per_layer[(key, layer)] = _merge_experts(key, layer, slots, ranks, gated)
     return _stack(per_layer, num_layers)
 
 
-def _merge_tp(key: str, ranks: dict[int, LocalTensor], rule: Partition, tp: int) -> GlobalTensor:
+def _file_expert(
+    t: LocalTensor,
+    name: tuple[str, int | None],
+    ranks: RankLayout,
+    by_expert: dict[tuple[str, int], dict[tuple[int, int], LocalTensor]],
+) -> bool:
+    """File a per-expert tensor under its (global key, layer) at (global expert, expert-TP
+    rank); False for a key that is no expert's. Refuses expert layouts that are not served."""
+    key, layer = name
+    rest = key[len(LAYER_PREFIX) :] if layer is not None else ""
+    hit = experts.expert_key(rest)
+    if hit is None or layer is None:
+        why = experts.refusal(rest)
+        if why is not None:
+            raise UnsupportedCheckpointError(f"{t.file}: key '{t.key}': {why}")
+        return False
+    gkey, j = LAYER_PREFIX + hit[0], hit[1]
+    if j >= ranks.local_experts:
+        raise CorruptCheckpointError(
+            f"{t.file}: key '{t.key}' is local expert {j}, but args give {ranks.local_experts} "
+            f"experts per rank (num_experts={ranks.num_experts} over "
+            f"expert_model_parallel_size={ranks.ep})"
+        )
+    slot = (t.ep * ranks.local_experts + j, ranks.files[(t.tp, t.pp, t.ep)])
+    other = by_expert[(gkey, layer)].setdefault(slot, t)
+    if other is not t:
+        raise CorruptCheckpointError(
+            f"{t.file}: key '{t.key}' holds expert {slot[0]} of layer {layer} (expert TP rank "
+            f"{slot[1]}), which {other.file} also holds as '{other.key}'; each expert is "
+            "stored once"
+        )
+    return True
+
+
+def _merge_experts(
+    key: str,
+    layer: int,
+    slots: dict[tuple[int, int], LocalTensor],
+    ranks: RankLayout,
+    gated: bool,
+) -> GlobalTensor:
+    """One layer's per-expert tensors -> ``[E, ...]``: expert ``e``'s expert-TP shards are
+    merged as a dense layer's TP shards (fc1 ``[gate_r; up_r]`` halves, fc2 by columns), then
+    placed at ``e`` on a leading expert axis."""
+    rule = partition_of(key, gated=gated)
+    if rule is None:  # unreachable: per-expert weights are column- or row-parallel
+        raise UnsupportedCheckpointError(f"'{key}': no tensor-parallel layout")
+    first: tuple[GlobalTensor, LocalTensor] | None = None
+    pieces: list[Piece] = []
+    for e in range(ranks.num_experts):
+        shards = {r: slots[(e, r)] for r in range(ranks.expert_tp) if (e, r) in slots}
+        if len(shards) < ranks.expert_tp:
+            raise _missing_expert(e, layer, shards, slots, ranks)
+        g = _merge_tp(key, shards, rule, ranks.expert_tp, "expert TP rank")
+        if first is None:
+            first = (g, shards[0])
+        elif (g.dtype, g.shape) != (first[0].dtype, first[0].shape):
+            t, f = shards[0], first[1]
+            raise CorruptCheckpointError(
+                f"{t.file}: key '{t.key}' (expert {e} of layer {layer}) makes {g.dtype} "
+                f"{list(g.shape)}, but expert 0 ('{f.key}' in {f.file}) makes "
+                f"{first[0].dtype} {list(first[0].shape)}; every expert has the same shape"
+            )
+        pieces += [Piece(p.source, p.row0, (e, *p.offsets), (1, *p.sizes)) for p in g.pieces]
+    if first is None:
+        raise CorruptCheckpointError(f"'{key}' of layer {layer}: args give num_experts=0")
+    g = first[0]
+    return GlobalTensor(key, g.dtype, (ranks.num_experts, *g.shape), tuple(pieces))
+
+
+def _missing_expert(
+    e: int,
+    layer: int,
+    shards: dict[int, LocalTensor],
+    slots: dict[tuple[int, int], LocalTensor],
+    ranks: RankLayout,
+) -> CorruptCheckpointError:
+    """The error for expert ``e``'s shards that no file holds: names the file and key."""
+    sibling = next(iter(slots.values()))
+    r = next(r for r in range(ranks.expert_tp) if r not in shards)
+    t, p, ep = ranks.holder(sibling.pp, e, r)
+    path = Path(sibling.file)
+    where = path.parent.parent / ranks.folder(t, p, ep) / path.name
+    key = experts.with_local_index(sibling.key, e % ranks.local_experts)
+    return CorruptCheckpointError(
+        f"{where}: key '{key}' is missing (expert {e} of layer {layer}, expert-parallel rank "
+        f"{ep}, expert TP rank {r}); other ranks hold this layer's experts, e.g. "
+        f"'{sibling.key}' in {sibling.file}. The save is incomplete or the copy partial"
+    )
+
+
+def _merge_tp(
+    key: str, ranks: dict[int, LocalTensor], rule: Partition, tp: int, what: str = "TP rank"
+) -> GlobalTensor:
     """One key's TP partitions -> a global tensor with one piece per rank (two when gated)."""
     first = ranks.get(0)
     needed = [0] if isinstance(rule, Replicated) else list(range(tp))
@@ -202,15 +323,15 @@ def _merge_tp(key: str, ranks: dict[int, LocalTensor], rule: Partition, tp: int)
     if first is None or missing:
         holder = next(iter(ranks.values()))
         raise CorruptCheckpointError(
-            f"{holder.file}: key '{holder.key}' is missing on TP rank(s) {missing or [0]} of the "
+            f"{holder.file}: key '{holder.key}' is missing on {what}(s) {missing or [0]} of the "
             f"same pipeline stage ({rule.name} across {tp} ranks)"
         )
     for r in needed:
         t = ranks[r]
         if t.shape != first.shape or t.dtype != first.dtype:
             raise CorruptCheckpointError(
-                f"{t.file}: key '{t.key}' is {t.dtype} {list(t.shape)} on TP rank {r} but "
-                f"{first.dtype} {list(first.shape)} on TP rank 0 ({first.file}); the ranks of a "
+                f"{t.file}: key '{t.key}' is {t.dtype} {list(t.shape)} on {what} {r} but "
+                f"{first.dtype} {list(first.shape)} on {what} 0 ({first.file}); the ranks of a "
                 "legacy checkpoint hold equal partitions"
             )
     shape = first.shape

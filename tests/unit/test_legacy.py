@@ -97,8 +97,8 @@ def test_virtual_pipeline_layers_interleave() -> None:
 
 
 def test_unknown_key_is_refused_when_it_must_be_merged() -> None:
-    local = [_local(t, 0, 0, "decoder.layers.0.mlp.router.weight", (4, 4)) for t in range(2)]
-    with pytest.raises(UnsupportedCheckpointError, match=r"mlp\.router\.weight.*layout is unknown"):
+    local = [_local(t, 0, 0, "decoder.layers.0.mlp.odd.weight", (4, 4)) for t in range(2)]
+    with pytest.raises(UnsupportedCheckpointError, match=r"mlp\.odd\.weight.*layout is unknown"):
         layout.merge(local, tp=2, pp=1, vpp=1, num_layers=1, gated=True)
 
 
