@@ -138,7 +138,8 @@ _DIM = "the model's dimensions; any value (the config builder validates it)"
 _VOCAB = "the vocabulary size (resolved with the tokenizer and the stored rows)"
 _BRIDGE_PROVIDER = re.compile(
     r"megatron\.bridge\.models\.[\w.]+\."
-    r"(GPTModelProvider|(Code)?Llama(2|3|31|32)?ModelProvider\w*|Qwen(2|25|3)ModelProvider\w*)"
+    r"(GPTModelProvider|(Code)?Llama(2|3|31|32)?ModelProvider\w*|Qwen(2|25|3)ModelProvider\w*"
+    r"|Qwen3MoEModelProvider\w*)"
 )
 _BRIDGE_SPECS = {
     f"megatron.bridge.models.gpt_provider.{name}"
@@ -192,12 +193,15 @@ SERVED: dict[str, Served] = {
     **_each("bf16 fp16", _served("serving dtype", _BOOL, _is_bool)),
     "_target_": _served(
         "Megatron-Bridge model provider",
-        "GPTModelProvider or a Llama/Qwen2/Qwen3 dense provider",
+        "GPTModelProvider, a Llama/Qwen2/Qwen3 dense provider or the Qwen3-MoE provider",
         lambda v: isinstance(v, str) and _BRIDGE_PROVIDER.fullmatch(v) is not None,
     ),
     # mixture of experts (config.py ``moe_fields``; served as Mixtral, with qk-layernorm as
     # Qwen3-MoE): the softmax top-k router, optionally softmax before top-k (not renormalised)
     "num_experts": _served("mixture of experts", "None or a count"),
+    # its TransformerConfig name (Megatron-Bridge's run_config.yaml; checkpoint/bridge.py
+    # hands it to the config builder as num_experts); every other MoE name is the same in both
+    "num_moe_experts": _served("mixture of experts", "None or a count"),
     "moe_ffn_hidden_size": _served(_DIM),
     "moe_router_topk": _served("experts per token (top-k)"),
     "moe_router_pre_softmax": _served(
@@ -270,11 +274,6 @@ _QUANT = "quantized model (ModelOpt / kitchen): the forward is not the stored we
 REFUSED: dict[str, Refused] = {
     # architecture
     # mixture of experts beyond the served softmax top-k router over routed experts
-    "num_moe_experts": _refuse(
-        "mixture of experts in a Megatron-Bridge config (served from Megatron-LM args only)",
-        None,
-        0,
-    ),
     "moe_shared_expert_intermediate_size": _refuse("shared experts", None, 0),
     "moe_shared_expert_gate": _refuse("gated shared experts"),
     "use_grouped_gemm_for_shared_expert": _refuse("shared experts"),
@@ -358,19 +357,28 @@ REFUSED: dict[str, Refused] = {
     "enable_gpt_oss": _refuse("GPT-OSS (YaRN, attention sinks)"),
 }
 
+
+def _moe_combined(experts: str) -> tuple[Combined, ...]:
+    """The MoE combinations, for ``experts`` = the expert count's name in one naming."""
+    return (
+        Combined(
+            (experts, "add_qkv_bias"),
+            lambda experts, bias: bool(experts) and bool(bias),
+            "mixture of experts with qkv bias: neither Mixtral nor Qwen3-MoE has q/k/v biases",
+        ),
+        Combined(
+            (experts, "moe_router_pre_softmax", "qk_layernorm"),
+            lambda experts, pre, qk: bool(experts) and bool(pre) and not qk,
+            "softmax before top-k without qk-layernorm: served as Mixtral, which always "
+            "renormalises the top-k weights (only Qwen3-MoE, with qk-layernorm, serves it)",
+        ),
+    )
+
+
 # Served names each fine on its own that no architecture serves together.
 COMBINED: tuple[Combined, ...] = (
-    Combined(
-        ("num_experts", "add_qkv_bias"),
-        lambda experts, bias: bool(experts) and bool(bias),
-        "mixture of experts with qkv bias: neither Mixtral nor Qwen3-MoE has q/k/v biases",
-    ),
-    Combined(
-        ("num_experts", "moe_router_pre_softmax", "qk_layernorm"),
-        lambda experts, pre, qk: bool(experts) and bool(pre) and not qk,
-        "softmax before top-k without qk-layernorm: served as Mixtral, which always "
-        "renormalises the top-k weights (only Qwen3-MoE, with qk-layernorm, serves it)",
-    ),
+    *_moe_combined("num_experts"),  # Megatron-LM args
+    *_moe_combined("num_moe_experts"),  # TransformerConfig (Megatron-Bridge)
     Combined(
         ("qk_layernorm", "add_qkv_bias"),
         lambda qk, bias: bool(qk) and bool(bias),

@@ -19,11 +19,13 @@ from sglang_megatron_loader.errors import CorruptCheckpointError, UnsupportedChe
 RUN_CONFIG = "run_config.yaml"
 
 # Providers whose ``provide()`` builds a plain megatron-core GPTModel from the config fields
-# (so the fields say everything about the forward). Others (MoE, VL, hybrid, Gemma's scaled
-# embeddings, ...) are refused by name.
+# (so the fields say everything about the forward): Bridge 0.6 configures GPTModelProvider
+# itself for Llama, Qwen2, Qwen3 and Qwen3-MoE; older releases named per-family providers
+# (``Qwen3MoEModelProvider`` ...). Others (VL, hybrid, MLA, Gemma's scaled embeddings, ...)
+# are refused by name.
 _PROVIDER = re.compile(
     r"megatron\.bridge\.models\.[\w.]+\."
-    r"(GPTModelProvider|Llama\d*ModelProvider\w*|Qwen\d*ModelProvider\w*)"
+    r"(GPTModelProvider|Llama\d*ModelProvider\w*|Qwen\d*ModelProvider\w*|Qwen3MoEModelProvider\w*)"
 )
 SILU = "torch.nn.functional.silu"
 
@@ -54,8 +56,8 @@ def read_run_config(iter_dir: Path) -> dict[str, Any]:
     if not (isinstance(target, str) and _PROVIDER.fullmatch(target)):
         raise UnsupportedCheckpointError(
             f"{path}: model._target_ is {target!r}; served Megatron-Bridge providers are "
-            "GPTModelProvider and the Llama/Qwen2/Qwen3 dense providers (mixture-of-experts, "
-            "vision-language and other model families are not served yet)"
+            "GPTModelProvider, the Llama/Qwen2/Qwen3 providers and the Qwen3-MoE provider "
+            "(vision-language and other model families are not served yet)"
         )
     bad = [k for k in model if not isinstance(k, str)]
     if bad:
@@ -92,6 +94,8 @@ def args_from_run_config(model: dict[str, Any], source: str) -> argparse.Namespa
     args.rotary_seq_len_interpolation_factor = model.get("seq_len_interpolation_factor")
     args.max_position_embeddings = model.get("seq_length")
     args.tokenizer_model = None  # the save's own tokenizer/ folder is found by location
+    # mixture of experts: the MoE fields share their Megatron-LM names except the count
+    args.num_experts = model.get("num_moe_experts")
     if model.get("params_dtype") is not None and not (model.get("bf16") or model.get("fp16")):
         dtype = str(target_of(model["params_dtype"]) or model["params_dtype"]).rsplit(".", 1)[-1]
         args.bf16, args.fp16 = dtype == "bfloat16", dtype in ("float16", "half")

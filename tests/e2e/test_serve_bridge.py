@@ -4,7 +4,8 @@ CPU with the save's own ``tokenizer/`` (found without --tokenizer-path).
 
 Greedy tokens equal Megatron's own forward; ``/v1/chat/completions`` with the save's chat
 template gives the text transformers generates from the Hugging Face model the save was
-imported from.
+imported from. The bf16 mixture-of-experts save (Qwen3-MoE, saved at EP2) is also served in
+fp32: every greedy token equals Megatron's fp32 forward on the same stored weights.
 """
 
 from __future__ import annotations
@@ -95,3 +96,32 @@ def test_bridge_save_serves_megatrons_tokens_and_the_chat_of_its_hf_model(
         assert_same_continuation(got, [t for t in want if t != tok.eos_token_id], gaps, TIE[dtype])
     log = (tmp_path / "server.log").read_text(errors="replace")
     assert "iter_0000000/tokenizer" in log  # found by the plugin, no --tokenizer-path
+
+
+def _variant(root: Path) -> dict:
+    return torch.load(f"{root}.reference.pt", weights_only=True)["variant"]
+
+
+MOE_BF16 = [p for p in SAVES if _variant(p).get("num_experts") and _variant(p)["dtype"] == "bf16"]
+
+
+@pytest.mark.parametrize("root", MOE_BF16, ids=lambda p: p.name)
+def test_bridge_moe_save_served_in_fp32_gives_megatrons_fp32_tokens_exactly(
+    root: Path, tmp_path: Path
+) -> None:
+    """The bf16 MoE save's routing has near-ties a bf16 stack may break either way; served in
+    fp32 (the stored bf16 weights upcast), its greedy tokens equal Megatron's fp32 forward on
+    the same weights at every step, router choices included."""
+    ref = torch.load(f"{root}.reference.pt", weights_only=True)
+    proc = sh.start_server(
+        root,
+        dtype="float32",
+        extra_args=["--load-format", "megatron"],
+        log_path=tmp_path / "server.log",
+    )
+    try:
+        for prompt, greedy in zip(ref["prompts"], ref["fp32"]["greedy"], strict=True):
+            out = sh.generate(proc.port, prompt, len(greedy), ignore_eos=True)
+            assert out["output_ids"] == greedy, (prompt, out["output_ids"], greedy)
+    finally:
+        sh.stop_server(proc)

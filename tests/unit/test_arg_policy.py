@@ -213,7 +213,16 @@ def test_a_real_transformer_config_with_bridge_fields_has_no_violations() -> Non
             "activation_func=<torch.nn.functional.gelu>",
         ),
         ({"gated_linear_unit": False}, "gated_linear_unit=False"),
-        ({"num_moe_experts": 8}, "num_moe_experts=8"),
+        (
+            {"num_moe_experts": 8, "moe_shared_expert_intermediate_size": 64},
+            "moe_shared_expert_intermediate_size=64",
+        ),
+        ({"num_moe_experts": 8, "add_qkv_bias": True}, "num_moe_experts=8 with add_qkv_bias"),
+        (
+            {"num_moe_experts": 8, "moe_router_pre_softmax": True},
+            "num_moe_experts=8 with moe_router_pre_softmax=True with qk_layernorm=False",
+        ),
+        ({"num_moe_experts": 8, "moe_router_score_function": "sigmoid"}, "moe_router_score"),
         ({"layernorm_zero_centered_gamma": True}, "layernorm_zero_centered_gamma=True"),
         ({"seq_len_interpolation_factor": 4.0}, "seq_len_interpolation_factor=4.0"),
         (
@@ -229,6 +238,27 @@ def test_a_real_transformer_config_with_bridge_fields_has_no_violations() -> Non
 def test_bridge_fields_that_change_the_forward_are_refused(changes, expected: str) -> None:
     msgs = policy_violations(_bridge_fields(**changes), "transformer_config")
     assert any(m.startswith(expected) for m in msgs), msgs
+
+
+def test_a_bridge_qwen3_moe_config_has_no_violations() -> None:
+    """What the Qwen3-MoE bridge sets (grouped GEMM, alltoall, permute fusion, aux loss) is
+    served or training-only; num_moe_experts is the TransformerConfig name of num_experts."""
+    moe = _bridge_fields(
+        num_moe_experts=128,
+        moe_ffn_hidden_size=768,
+        moe_router_topk=8,
+        qk_layernorm=True,
+        moe_grouped_gemm=True,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-3,
+        moe_router_pre_softmax=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_permute_fusion=True,
+        expert_model_parallel_size=8,
+    )
+    assert policy_violations(moe, "transformer_config") == []
+    # norm_topk_prob false in the HF model: the bridge sets moe_router_pre_softmax
+    assert policy_violations({**moe, "moe_router_pre_softmax": True}, "transformer_config") == []
 
 
 def test_a_bridge_config_without_a_field_is_judged_at_its_default() -> None:

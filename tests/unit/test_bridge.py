@@ -19,7 +19,21 @@ from sglang_megatron_loader.inspect_ckpt import inspect
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "golden" / "bridge_0.6.2"
 SAVES = sorted(p for p in GOLDEN.iterdir() if (p / "latest_checkpointed_iteration.txt").is_file())
-ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCH = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+# the experts as the served Qwen3MoeConfig and the source HF config both name them
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+)
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.25}  # transformers runs fp32; the references ran bf16
 
 
@@ -35,7 +49,8 @@ def test_golden_copies_cover_the_layouts_the_issue_names() -> None:
     variants = {p.name: _ref(p)["variant"] for p in SAVES}
     assert {v["tp"] for v in variants.values()} == {1, 2}
     assert {v["tied_embeddings"] for v in variants.values()} == {True, False}
-    assert {v["arch"] for v in variants.values()} >= {"llama", "qwen3"}
+    assert {v["arch"] for v in variants.values()} >= {"llama", "qwen3", "qwen3_moe"}
+    assert any(v.get("ep", 1) == 2 for v in variants.values())  # an expert-parallel save
     assert all(v["iteration"] == 0 for v in variants.values())  # import_ckpt's save
 
 
@@ -58,6 +73,8 @@ def test_config_comes_from_run_config_yaml(root: Path) -> None:
     assert cfg.rope_parameters.get("factor") == hf.rope_parameters.get("factor")
     assert cfg.vocab_size == v["vocab_size"] == len(_tokenizer(root))
     assert cfg.megatron_vocab_origin == "run_config.yaml model.vocab_size"
+    for name in MOE_FIELDS if v.get("num_experts") else ():
+        assert getattr(cfg, name) == getattr(hf, name), name
 
 
 def _hf_config(root: Path):
@@ -165,7 +182,6 @@ def test_broken_yaml_is_named(tmp_path) -> None:
             "gelu",
         ),
         ("  layernorm_zero_centered_gamma: false", "  layernorm_zero_centered_gamma: true", "zero"),
-        ("  num_moe_experts: null", "  num_moe_experts: 8", "num_moe_experts=8"),
     ],
 )
 def test_a_field_that_changes_the_math_is_refused_by_name(tmp_path, old, new, named) -> None:
@@ -173,3 +189,72 @@ def test_a_field_that_changes_the_math_is_refused_by_name(tmp_path, old, new, na
     _edit(cfg, old, new)
     with pytest.raises(UnsupportedCheckpointError, match=named):
         hf_config_for(root)
+
+
+MOE = "qwen3_moe_ep2"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        (
+            "  moe_shared_expert_intermediate_size: null",
+            "  moe_shared_expert_intermediate_size: 64",
+            "moe_shared_expert_intermediate_size=64",
+        ),
+        (
+            "  moe_router_score_function: softmax",
+            "  moe_router_score_function: sigmoid",
+            "moe_router_score_function='sigmoid'",
+        ),
+        (
+            "  moe_router_topk_scaling_factor: null",
+            "  moe_router_topk_scaling_factor: 2.5",
+            "moe_router_topk_scaling_factor=2.5",
+        ),
+        ("  moe_layer_freq: 1", "  moe_layer_freq: [0, 1]", r"moe_layer_freq=\[0, 1\]"),
+        (
+            "  moe_router_enable_expert_bias: false",
+            "  moe_router_enable_expert_bias: true",
+            "moe_router_enable_expert_bias=True",
+        ),
+        (
+            "  moe_router_load_balancing_type: aux_loss",
+            "  moe_router_load_balancing_type: sinkhorn",
+            "moe_router_load_balancing_type='sinkhorn'",
+        ),
+        (
+            "  moe_router_num_groups: null",
+            "  moe_router_num_groups: 2",
+            "moe_router_num_groups=2",
+        ),
+        ("  add_qkv_bias: false", "  add_qkv_bias: true", "num_moe_experts=4 with add_qkv_bias"),
+    ],
+)
+def test_a_bridge_moe_field_that_changes_the_routing_is_refused_by_name(
+    tmp_path, old, new, named
+) -> None:
+    root, cfg = _copy(MOE, tmp_path)
+    _edit(cfg, old, new)
+    with pytest.raises(UnsupportedCheckpointError, match=named):
+        hf_config_for(root)
+
+
+def test_bridge_moe_softmax_before_top_k_is_served_without_renormalising(tmp_path) -> None:
+    """Qwen3-MoE with ``norm_topk_prob: false`` is imported as ``moe_router_pre_softmax``."""
+    root, cfg = _copy(MOE, tmp_path)
+    _edit(cfg, "  moe_router_pre_softmax: false", "  moe_router_pre_softmax: true")
+    assert hf_config_for(root).norm_topk_prob is False
+    assert hf_config_for(GOLDEN / MOE).norm_topk_prob is True
+
+
+def test_bridge_moe_training_only_fields_are_not_judged(tmp_path) -> None:
+    """Dispatcher, capacity (served dropless), aux/z losses and fusions do not change what a
+    dropless forward computes; the save already says alltoall, grouped GEMM, aux loss."""
+    root, cfg = _copy(MOE, tmp_path)
+    _edit(cfg, "  moe_token_dispatcher_type: alltoall", "  moe_token_dispatcher_type: flex")
+    _edit(cfg, "  moe_expert_capacity_factor: null", "  moe_expert_capacity_factor: 1.25")
+    _edit(cfg, "  moe_z_loss_coeff: null", "  moe_z_loss_coeff: 0.001")
+    _edit(cfg, "  moe_permute_fusion: false", "  moe_permute_fusion: true")
+    _edit(cfg, "  moe_grouped_gemm: true", "  moe_grouped_gemm: false")
+    assert hf_config_for(root).architectures == ["Qwen3MoeForCausalLM"]

@@ -155,8 +155,8 @@ GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 
 @pytest.mark.parametrize(
     "where",
-    ["no_tokenizer_bf16_tp2", "bf16_fp32norms_tp1", "moe_mixtral_fp32_tp2ep2", "mcore_0.14.0", "mcore_0.19.2", "torch_2.15",
-     "bridge_0.6.2"],
+    ["no_tokenizer_bf16_tp2", "bf16_fp32norms_tp1", "moe_mixtral_fp32_tp2ep2", "mcore_0.14.0",
+     "mcore_0.19.2", "torch_2.15", "bridge_0.6.2"],
 )  # fmt: skip
 def test_the_fast_chunk_locator_agrees_with_zipfile_on_every_chunk(megatron_ckpt, where) -> None:
     """Every chunk of checkpoints written by several megatron-core, torch and Megatron-Bridge
