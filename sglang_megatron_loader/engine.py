@@ -19,7 +19,6 @@ from sglang_megatron_loader.arg_policy import SERVED
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint, resolve
 from sglang_megatron_loader.checkpoint.bridge import RUN_CONFIG
 from sglang_megatron_loader.checkpoint.locate import find_tokenizer
-from sglang_megatron_loader.checkpoint.scatter import advise_huge_pages
 from sglang_megatron_loader.config import ModelDims, hf_config_from_args, unsupported_args
 from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
 from sglang_megatron_loader.gcpause import paused_gc
@@ -243,7 +242,6 @@ def execute_plan(
     )
     jobs: list[tuple[Read, torch.Tensor]] = []
     devices: set[torch.device] = set()
-    seen: set[int] = set()
     for p in plan.params:
         dest = destination(p)
         if tuple(dest.shape) != p.shape:
@@ -253,9 +251,6 @@ def execute_plan(
             )
         itemsize = ckpt.tensors[p.reads[0].key].dtype.itemsize if p.reads else 1
         devices.add(dest.device)
-        if p.reads and dest.device.type == "cpu" and dest.untyped_storage().data_ptr() not in seen:
-            seen.add(dest.untyped_storage().data_ptr())
-            advise_huge_pages(dest)  # before the first write: see scatter.advise_huge_pages
         for r in p.reads:
             ndim = dest.dim() - len(r.dst_lead)  # a fused expert weight: rows of one expert
             jobs += [(sub, dest) for sub in split_read(r, ndim, itemsize, max_read_bytes)]

@@ -113,18 +113,3 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path, box) -> None:
         pytest.raises(CorruptCheckpointError, match=r"chunk\.bin: .*the file is truncated"),
     ):
         scatter.read_box(f, _BASE, (6, 40), box, dest, source=str(path))
-
-
-def test_fresh_destinations_are_advised_to_use_huge_pages() -> None:
-    """Whole 2 MiB pages inside a tensor's storage are advised; a tensor with none is not."""
-    from pathlib import Path
-
-    from sglang_megatron_loader.checkpoint.scatter import advise_huge_pages
-
-    assert not advise_huge_pages(torch.empty(1000, dtype=torch.bfloat16))
-    big = torch.empty(8 * 2**20, dtype=torch.uint8)
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if thp.is_file() and "[never]" not in thp.read_text():
-        assert advise_huge_pages(big)
-    big.fill_(7)  # the memory stays ordinary memory
-    assert int(big.sum()) == 7 * big.numel()
