@@ -22,7 +22,12 @@ from torch import nn
 
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.checkpoint.integrity import MODES, verify_integrity
-from sglang_megatron_loader.engine import THREADS, execute_plan, plan_checkpoint
+from sglang_megatron_loader.engine import (
+    THREADS,
+    default_threads,
+    execute_plan,
+    plan_checkpoint,
+)
 from sglang_megatron_loader.errors import (
     MegatronLoaderError,
     UnsupportedCheckpointError,
@@ -226,9 +231,13 @@ class MegatronModelLoader(BaseModelLoader):
             ckpt,
             dims,
             progress=bool(self.extra.get("progress", True)),
-            threads=int(self.extra.get("threads", THREADS)),
+            threads=int(self.extra.get("threads") or default_threads(_device_of(model))),
             plan=plan,
         )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def layer_groups(model: nn.Module) -> dict[str, Tp]:

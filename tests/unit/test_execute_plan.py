@@ -78,3 +78,19 @@ def test_every_mode_fills_what_torch_dcp_reads(megatron_ckpt, reference, source,
             for p in plan.params:
                 want = _expected(p, full, stored[p.name]).to(out[p.name].dtype)
                 assert torch.equal(out[p.name], want), f"{mode}: {p.name}"
+
+
+def test_default_reader_threads_follow_the_ranks_cores_on_a_cpu() -> None:
+    import torch
+
+    from sglang_megatron_loader.engine import THREADS, default_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert default_threads(torch.device("cpu")) == 1
+        torch.set_num_threads(64)
+        assert default_threads(torch.device("cpu")) == THREADS
+        assert default_threads(torch.device("cuda", 0)) == THREADS
+    finally:
+        torch.set_num_threads(before)
