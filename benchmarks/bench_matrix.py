@@ -29,7 +29,9 @@ runner does (``tests/tp/harness.py``: ``ModelConfig.from_server_args``, ``build_
   copy from a mapping). The ranks start each build together (a barrier); a build's time is its
   slowest rank's. Every build sees the checkpoint under a path it never saw (hard links, same
   inodes, so the page cache stays warm): no per-process cache of the package or of SGLang
-  survives from one build to the next, as in a fresh server process.
+  survives from one build to the next, as in a fresh server process. Likewise every build's
+  parameters are fresh memory (``MALLOC_MMAP_THRESHOLD_`` fixed: glibc maps large
+  allocations afresh instead of handing out the previous build's freed, already faulted pages).
 
 Reported per row: median seconds, the median of the per-round ratios megatron/exported (with
 the min-max over rounds), megatron/floor, and the loader's weight-read time (between its own
@@ -283,6 +285,12 @@ def rank_env(world_size: int, threads: int | None = None) -> dict[str, str]:
     env = harness.rank_env()
     env["OMP_NUM_THREADS"] = str(threads_per_rank(world_size, threads))  # both loaders alike
     env.pop("SGLANG_MEGATRON_LOADER_VERDICTS", None)
+    # Fresh memory for every build, as in a fresh server process: with glibc's adaptive mmap
+    # threshold, the parameters of one build are carved from the memory the previous build
+    # freed, already faulted in (and huge-paged if that build asked for it), which flatters
+    # whichever loader runs second. A fixed threshold maps every allocation >= 128 KiB afresh
+    # and returns it to the kernel when freed.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     return env
 
 
