@@ -1,5 +1,6 @@
 """Mixture-of-experts checkpoints (Mixtral- and Qwen3-MoE-shaped, saved by megatron-core with
-EP 2, TP 2 x EP 2) to SGLang at TP 1, TP 2 and TP 2 with ``--ep-size 2``, on CPU over gloo.
+EP 2, TP 2 x EP 2) to SGLang at TP 1, TP 2, TP 2 with ``--ep-size 2`` and PP 2, on CPU over
+gloo.
 
 As ``test_tp_equality.py``: each rank builds SGLang's real ``MixtralForCausalLM`` /
 ``Qwen3MoeForCausalLM`` twice through its own loading path, with ``--load-format megatron`` and
@@ -20,7 +21,9 @@ from harness import World, prepare_case, run_world
 from make_megatron_checkpoint import VARIANTS
 
 SOURCES = ["moe_mixtral_fp32_tp2ep2", "moe_qwen3_fp32_ep2"]
-WORLDS = {w.label: w for w in (World(1), World(2), World(2, flags=("--ep-size", "2")))}
+WORLDS = {
+    w.label: w for w in (World(1), World(2), World(2, flags=("--ep-size", "2")), World(1, pp=2))
+}
 LABELS = list(WORLDS)
 
 
@@ -47,12 +50,13 @@ def world_results(cases, tmp_path_factory) -> Callable[[str], list[dict[str, Any
 
 
 def expert_share(source: str, world: World) -> int:
-    """Bytes of the expert weights one rank holds: in each layer its ``E / ep`` experts, each
-    FFN split over ``tp / ep`` ranks (SGLang's ``moe_tp_size``)."""
+    """Bytes of the expert weights one rank holds: in each layer of its pipeline stage its
+    ``E / ep`` experts, each FFN split over ``tp / ep`` ranks (SGLang's ``moe_tp_size``)."""
     v = VARIANTS[source]
     ep = 2 if "--ep-size" in world.flags else 1
     f = (v.moe_ffn_hidden_size or v.ffn_hidden_size) // (world.tp // ep)
-    return v.num_layers * v.num_experts // ep * 3 * f * v.hidden_size * 4  # fp32
+    layers = v.num_layers // world.pp
+    return layers * v.num_experts // ep * 3 * f * v.hidden_size * 4  # fp32
 
 
 @pytest.mark.parametrize("label", LABELS)
