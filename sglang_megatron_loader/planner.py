@@ -6,6 +6,7 @@ No I/O and no torch.distributed: a plan can be built, printed and tested from me
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -162,6 +163,21 @@ def check_checkpoint_keys(table: ModelTable, dims: ModelDims, keys: Iterable[str
         raise WeightMismatchError(
             f"checkpoint holds {len(unknown)} model tensor(s) the {table.name} table neither maps "
             f"nor ignores: {', '.join(sorted(unknown)[:8])}. The checkpoint has parts this "
-            "loader would silently drop (a different architecture?)."
+            "loader would silently drop (a different architecture?)." + _layout_hint(unknown)
         )
     return ignored
+
+
+_SINGLETON = re.compile(r"\.linear_fc1\.(weight|bias)\d*_[wv]$|\.experts\.experts\.")
+
+
+def _layout_hint(unknown: Iterable[str]) -> str:
+    """Name the save option behind keys megatron-core writes only with
+    ``singleton_local_shards=True`` (SwiGLU halves as ``..._w``/``..._v``, one key per expert)."""
+    if not any(_SINGLETON.search(k) for k in unknown):
+        return ""
+    return (
+        " These keys are what megatron-core writes with singleton_local_shards=True (one key "
+        "per SwiGLU half or per expert), a layout this loader does not serve: re-save with "
+        "singleton_local_shards=False, Megatron-LM's and Megatron-Bridge's default."
+    )

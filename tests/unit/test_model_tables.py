@@ -92,6 +92,20 @@ def test_llama_table_does_not_silently_drop_a_bias_or_qk_norm() -> None:
             check_checkpoint_keys(LLAMA, d, [key])
 
 
+def test_singleton_local_shards_keys_are_refused_with_the_layout_named() -> None:
+    d = dims(4, 2)
+    for key in (
+        "decoder.layers.mlp.linear_fc1.weight_w",
+        "decoder.layers.mlp.experts.experts.3.linear_fc1.weight",
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight0_v",
+    ):
+        with pytest.raises(WeightMismatchError, match="singleton_local_shards=False"):
+            check_checkpoint_keys(LLAMA, d, [key])
+    with pytest.raises(WeightMismatchError) as plain:
+        check_checkpoint_keys(LLAMA, d, [PRE + "linear_qkv.bias"])
+    assert "singleton" not in str(plain.value)
+
+
 def test_hf_parts_split_the_fused_bias() -> None:
     d = dims(4, 2)
     assert hf_parts("model.layers.3.self_attn.qkv_proj.bias", d) == (
