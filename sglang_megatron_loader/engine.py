@@ -32,6 +32,7 @@ from sglang_megatron_loader.planner import (
     check_checkpoint_keys,
     plan_rank,
 )
+from sglang_megatron_loader.prefault import populate
 from sglang_megatron_loader.staging import Stager
 from sglang_megatron_loader.vocab import resolve_vocab
 
@@ -238,7 +239,8 @@ def execute_plan(
     other parameter (on a GPU, or of another dtype) is filled through ``threads + 2`` reused
     host buffers of ``max_read_bytes`` (pinned for a GPU; asynchronous copies overlapped with
     the next reads; casts on the device): see :class:`Stager`. ``staging=True`` sends every
-    read through the buffers (tests of that path on a CPU).
+    read through the buffers (tests of that path on a CPU). CPU parameters are faulted in
+    whole before the first read (:func:`prefault.populate`).
     """
     from tqdm import tqdm
 
@@ -253,6 +255,7 @@ def execute_plan(
     )
     jobs: list[tuple[Read, torch.Tensor]] = []
     devices: set[torch.device] = set()
+    fresh: dict[int, torch.Tensor] = {}  # CPU destinations, by address
     for p in plan.params:
         dest = destination(p)
         if tuple(dest.shape) != p.shape:
@@ -262,6 +265,8 @@ def execute_plan(
             )
         itemsize = ckpt.tensors[p.reads[0].key].dtype.itemsize if p.reads else 1
         devices.add(dest.device)
+        if dest.device.type == "cpu" and p.reads:
+            fresh.setdefault(dest.data_ptr(), dest)
         for r in p.reads:
             ndim = dest.dim() - len(r.dst_lead)  # a fused expert weight: rows of one expert
             jobs += [(sub, dest) for sub in split_read(r, ndim, itemsize, max_read_bytes)]
@@ -283,9 +288,14 @@ def execute_plan(
     try:
         if threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(threads, thread_name_prefix="megatron-read") as pool:
+                # every CPU parameter's pages first, then the reads (see prefault.py)
+                for _ in pool.map(populate, fresh.values()):
+                    pass
                 for _ in pool.map(run, jobs):
                     pass
         else:
+            for dest in fresh.values():
+                populate(dest)
             for job in jobs:
                 run(job)
     finally:
