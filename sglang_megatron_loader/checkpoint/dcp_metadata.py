@@ -25,6 +25,7 @@ one parse can be cached and reused; :func:`read_dcp_metadata` reads the file fir
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ def _dims(values: Any) -> tuple[int, ...] | None:
     """``values`` as a tuple of non-negative ints, or None when it is anything else."""
     if not isinstance(values, tuple | list):
         return None
+    if all(type(v) is int and v >= 0 for v in values):  # the common case, fast
+        return tuple(values)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         return None
     return tuple(int(v) for v in values)
@@ -373,6 +376,8 @@ class _Checker:
         return strides
 
 
+@functools.lru_cache(maxsize=4096)
 def _escapes(rel: str) -> bool:
-    """A storage path that is absolute or leaves the checkpoint folder."""
+    """A storage path that is absolute or leaves the checkpoint folder (asked once per entry,
+    of a few distinct files)."""
     return Path(rel).is_absolute() or ".." in Path(rel).parts

@@ -50,6 +50,7 @@ class Pickled:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Pickled:  # NEWOBJ / REDUCE
         self = object.__new__(cls)
+        self.fields = {}
         self._put(args, kwargs)
         return self
 
@@ -71,18 +72,24 @@ class Pickled:
         else:
             raise TypeError(f"{self.qualname}: unexpected pickled state {type(state).__name__}")
 
-    @property
-    def fields(self) -> dict[str, Any]:
-        return self.__dict__.setdefault("_fields", {})
+    fields: dict[str, Any]  # set by ``__new__`` (a plain attribute: read ~25K times a parse)
+
+    def __getattr__(self, name: str) -> Any:  # made without ``__new__`` (copyreg, copy)
+        if name == "fields":
+            fields: dict[str, Any] = {}
+            self.__dict__["fields"] = fields
+            return fields
+        raise AttributeError(name)
 
     def _put(self, values: tuple[Any, ...], named: Mapping[Any, Any]) -> None:
         fields = self.fields
         for i, value in enumerate(values):
             fields[self.order[i] if i < len(self.order) else f"[{i}]"] = value
-        for name, value in named.items():
-            if not isinstance(name, str):
-                raise TypeError(f"{self.qualname}: field name {name!r} is not a string")
-            fields[name] = value
+        if not all(type(name) is str for name in named):
+            for name in named:
+                if not isinstance(name, str):
+                    raise TypeError(f"{self.qualname}: field name {name!r} is not a string")
+        fields.update(named)
 
     @reprlib.recursive_repr()
     def __repr__(self) -> str:
