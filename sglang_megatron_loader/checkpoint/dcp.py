@@ -93,6 +93,7 @@ class DcpCheckpoint:
         self._files: dict[str, BinaryIO] = {}
         self._zips: dict[tuple[str, int], TensorRef] = {}
         self._lock = threading.Lock()
+        self._metadata_path = folder / ".metadata"
 
     # -- files ---------------------------------------------------------------------------
     def _file(self, rel: str) -> BinaryIO:
@@ -135,7 +136,7 @@ class DcpCheckpoint:
         if ref is not None:
             return ref
         f = self._file(chunk.relative_path)
-        source = f"{self.folder / chunk.relative_path} (key '{info.key}', chunk at {chunk.offsets})"
+        source = f"{f.name} (key '{info.key}', chunk at {chunk.offsets})"
         if os.fstat(f.fileno()).st_size < chunk.offset + chunk.length:
             raise CorruptCheckpointError(
                 f"{source}: file has {os.fstat(f.fileno()).st_size} bytes, the metadata places "
@@ -174,7 +175,7 @@ class DcpCheckpoint:
         direct = out is not None and out.device.type == "cpu" and out.dtype == info.dtype
         target = out if direct else torch.empty(extents, dtype=info.dtype)
         parts = self._grid(info).parts(region)
-        _check_cover(info, region, parts, self.folder / ".metadata")
+        _check_cover(info, region, parts, self._metadata_path)
         for chunk, ov in parts:
             dest = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(ov, region))
             self._read_overlap_into(info, chunk, ov, target[dest])
@@ -192,7 +193,7 @@ class DcpCheckpoint:
         box = [(lo - off, hi - off) for (lo, hi), off in zip(ov, chunk.offsets)]
         f = self._file(chunk.relative_path)
         base = ref.storage.file_offset + ref.storage_offset * info.dtype.itemsize
-        source = f"{self.folder / chunk.relative_path} (key '{info.key}')"
+        source = f"{f.name} (key '{info.key}')"  # the path as opened: no Path joins per read
         self.stats.add(scatter.read_box(f, base, chunk.sizes, box, dest, source=source))
 
     def _grid(self, info: TensorInfo) -> ChunkGrid:
