@@ -93,7 +93,6 @@ class DcpCheckpoint:
         self._files: dict[str, BinaryIO] = {}
         self._zips: dict[tuple[str, int], TensorRef] = {}
         self._lock = threading.Lock()
-        self._metadata_path = folder / ".metadata"
 
     # -- files ---------------------------------------------------------------------------
     def _file(self, rel: str) -> BinaryIO:
@@ -175,7 +174,7 @@ class DcpCheckpoint:
         direct = out is not None and out.device.type == "cpu" and out.dtype == info.dtype
         target = out if direct else torch.empty(extents, dtype=info.dtype)
         parts = self._grid(info).parts(region)
-        _check_cover(info, region, parts, self._metadata_path)
+        _check_cover(info, region, parts, self.folder / ".metadata")
         for chunk, ov in parts:
             dest = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(ov, region))
             self._read_overlap_into(info, chunk, ov, target[dest])
