@@ -313,7 +313,8 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_LOCATOR_MAGIC = 0x07064B50
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_EOCD_MAGIC = 0x06064B50
-_HEAD = 4096  # bytes read from each end of an archive in one call
+_HEAD = 4096  # at most this much of an archive's head (its pickle) is read in one call
+_TRAILER = _EOCD.size + _ZIP64_LOCATOR.size + _ZIP64_EOCD.size  # the end records
 _SKIMMED: dict[bytes, LazyTensor] = {}
 _SKIMMED_MAX = 4096
 
@@ -334,14 +335,17 @@ def _fast_locate(fd: int, start: int, length: int, source: str) -> TensorRef | N
     """None wherever the archive is not exactly the plain form ``torch.save`` writes."""
     if length < _EOCD.size:
         return None
-    tail_len = min(length, _HEAD)
+    # exact reads only, never a tensor byte (a rank reads each tensor byte once, as data): the
+    # end records, the central directory, then the archive's head up to its first storage
+    tail_len = min(length, _TRAILER)
     tail = os.pread(fd, tail_len, start + length - tail_len)
     if len(tail) != tail_len:
         return None
     entries = _central_directory(fd, start, length, tail)
     if entries is None or "data.pkl" not in entries:
         return None
-    head_len = min(length, _HEAD)
+    first_storage = min((e[0] for n, e in entries.items() if n.startswith("data/")), default=length)
+    head_len = min(length, _HEAD, first_storage)
     head = os.pread(fd, head_len, start)
     if len(head) != head_len:
         return None
@@ -352,9 +356,9 @@ def _fast_locate(fd: int, start: int, length: int, source: str) -> TensorRef | N
         if at is None:
             return None
         hdr, size, full, crc = at
-        raw = head[hdr : hdr + _LOCAL_HEADER.size + len(full) + 256]
-        if len(raw) < _LOCAL_HEADER.size:
-            raw = os.pread(fd, _LOCAL_HEADER.size + len(full) + 256, start + hdr)
+        raw = head[hdr : hdr + _LOCAL_HEADER.size + len(full)]
+        if len(raw) < _LOCAL_HEADER.size + len(full):
+            raw = os.pread(fd, _LOCAL_HEADER.size + len(full), start + hdr)
         if len(raw) < _LOCAL_HEADER.size:
             return None
         fields = _LOCAL_HEADER.unpack_from(raw)

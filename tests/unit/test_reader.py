@@ -180,6 +180,36 @@ def test_the_fast_chunk_locator_agrees_with_zipfile_on_every_chunk(megatron_ckpt
     assert seen > 10
 
 
+def test_locating_a_chunk_reads_none_of_its_tensor_bytes(megatron_ckpt, monkeypatch) -> None:
+    """The locator's reads (end records, central directory, pickle) stop short of the storage:
+    a rank reads every tensor byte once, as data (tiny tensors included)."""
+    from sglang_megatron_loader.checkpoint.torchzip import _fast_locate
+
+    folder = next(megatron_ckpt("no_tokenizer_bf16_tp2").rglob(".metadata")).parent
+    with DcpCheckpoint(folder) as ckpt:
+        tensors = ckpt.tensors
+    spans: list[tuple[int, int]] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        spans.append((offset, offset + n))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    checked = 0
+    for info in tensors.values():
+        for chunk in info.chunks:
+            spans.clear()
+            with open(folder / chunk.relative_path, "rb") as f:
+                ref = _fast_locate(f.fileno(), chunk.offset, chunk.length, info.key)
+            assert ref is not None, info.key
+            lo = ref.storage.file_offset
+            hi = lo + ref.storage.nbytes
+            assert not [s for s in spans if s[0] < hi and lo < s[1]], (info.key, spans, (lo, hi))
+            checked += 1
+    assert checked > 10
+
+
 def test_a_damaged_chunk_falls_back_to_the_full_parse_and_its_error(ckpt_copy) -> None:
     """Damage the fast path does not expect is reported by the full parse, naming the file."""
     from sglang_megatron_loader.checkpoint.torchzip import _fast_locate, locate_tensor
