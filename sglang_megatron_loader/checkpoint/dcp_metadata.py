@@ -161,8 +161,9 @@ def _dims(values: Any) -> tuple[int, ...] | None:
     """``values`` as a tuple of non-negative ints, or None when it is anything else."""
     if not isinstance(values, tuple | list):
         return None
-    if all(type(v) is int and v >= 0 for v in values):  # the common case, fast
-        return tuple(values)
+    dims = tuple(values)
+    if not dims or ({*map(type, dims)} == {int} and min(dims) >= 0):  # the common case, in C
+        return dims
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         return None
     return tuple(int(v) for v in values)
@@ -214,11 +215,11 @@ class _Checker:
 
     def fields(self, obj: Pickled, where: str) -> dict[str, Any]:
         """``obj``'s fields, refusing unknown set fields of a class that describes bytes."""
-        fields = obj.fields
-        if obj.strict:
+        fields, cls = obj.fields, type(obj)  # settings from the class: no field shadows them
+        if cls.strict and not cls.known.issuperset(fields):
             for name, value in fields.items():
-                if name not in obj.known and not _unset(value):
-                    dot = "" if name.startswith("[") else "."  # a positional value: [6]
+                if name not in cls.known and not _unset(value):
+                    dot = "" if str(name).startswith("[") else "."  # a positional value: [6]
                     raise self.newer(f"{where}{type(obj).__name__}{dot}{name} = {_short(value)}")
         return fields
 

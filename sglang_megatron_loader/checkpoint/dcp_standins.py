@@ -1,8 +1,10 @@
 """Inert stand-ins for every class a DCP ``.metadata`` pickles, and the unpickler that uses them.
 
-Each stand-in (:class:`Pickled`) records its fields by name, whatever form the pickle gives them:
-a dict or a ``(dict, slots)`` pair (BUILD), a tuple (``TensorProperties.__getstate__``), or
-constructor arguments (enums, NEWOBJ). Nothing is checked here and nothing of torch's is
+Each stand-in (:class:`Pickled`) records its fields by name in the form torch pickles that class:
+a dict or a ``(dict, slots)`` pair (BUILD, every dataclass; filled by the C unpickler itself, the
+bulk of a parse), a tuple (``TensorProperties.__getstate__``) or constructor arguments (enum
+members) for :class:`Positional` ones. Any other form is an unreadable pickle. Nothing is
+checked here and nothing of torch's is
 instantiated, so a file from another torch release unpickles as long as it names known classes;
 ``dcp_metadata`` checks the fields. Globals other than these come from ``SafeUnpickler``'s
 allow-list; an unknown ``torch.distributed`` class is refused by name.
@@ -38,9 +40,14 @@ SUPPORTED = (
 class Pickled:
     """Inert stand-in for a class ``.metadata`` pickles: its fields by name, no behaviour.
 
-    ``order`` names the values of a tuple state or of constructor arguments (torch's field order);
-    values past it are kept as ``[i]``. ``strict``: the class describes bytes, so an unknown field
-    that is set is refused (see the module docstring); ``known`` lists the fields understood.
+    The fields are the instance's ``__dict__``: the unpickler fills it itself (NEWOBJ then a
+    dict BUILD, the way torch's dataclasses pickle, run in C: the bulk of a parse), and a
+    ``(dict, slots)`` BUILD sets the slots through :meth:`__setattr__`, which only records them.
+    Behaviour and settings are read from the class (``type(obj)``), never through the instance,
+    so a pickled field cannot shadow them. ``order`` names the values of a tuple state or of
+    constructor arguments (torch's field order, :class:`Positional`); ``strict``: the class
+    describes bytes, so an unknown field that is set is refused (see the module docstring);
+    ``known`` lists the fields understood.
     """
 
     qualname: ClassVar[str] = "?"
@@ -48,17 +55,35 @@ class Pickled:
     known: ClassVar[frozenset[str]] = frozenset()
     strict: ClassVar[bool] = False
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Pickled:  # NEWOBJ / REDUCE
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setattr__(self, name: str, value: Any) -> None:  # slot state: recorded, nothing else
+        self.__dict__[name] = value
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return f"<{type(self).qualname} {self.__dict__!r}>"
+
+
+class Positional(Pickled):
+    """A stand-in whose fields may come as constructor arguments (an enum member pickled as
+    ``Class(value)``) or as a tuple state (``TensorProperties.__getstate__``)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Positional:  # NEWOBJ / REDUCE
         self = object.__new__(cls)
-        self.fields = {}
-        self._put(args, kwargs)
+        if args or kwargs:
+            self._put(args, kwargs)
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # fields were taken by __new__
         pass
 
     def __setstate__(self, state: Any) -> None:  # BUILD
-        if isinstance(state, dict):
+        if type(state) is tuple and 2 < len(state) <= len(type(self).order):  # the usual case
+            self.__dict__.update(zip(type(self).order, state))
+        elif isinstance(state, dict):
             self._put((), state)
         elif (
             isinstance(state, tuple)
@@ -70,30 +95,14 @@ class Pickled:
         elif isinstance(state, tuple | list):
             self._put(tuple(state), {})
         else:
-            raise TypeError(f"{self.qualname}: unexpected pickled state {type(state).__name__}")
-
-    fields: dict[str, Any]  # set by ``__new__`` (a plain attribute: read ~25K times a parse)
-
-    def __getattr__(self, name: str) -> Any:  # made without ``__new__`` (copyreg, copy)
-        if name == "fields":
-            fields: dict[str, Any] = {}
-            self.__dict__["fields"] = fields
-            return fields
-        raise AttributeError(name)
+            kind = type(state).__name__
+            raise TypeError(f"{type(self).qualname}: unexpected pickled state {kind}")
 
     def _put(self, values: tuple[Any, ...], named: Mapping[Any, Any]) -> None:
-        fields = self.fields
+        fields, order = self.__dict__, type(self).order
         for i, value in enumerate(values):
-            fields[self.order[i] if i < len(self.order) else f"[{i}]"] = value
-        if not all(type(name) is str for name in named):
-            for name in named:
-                if not isinstance(name, str):
-                    raise TypeError(f"{self.qualname}: field name {name!r} is not a string")
+            fields[order[i] if i < len(order) else f"[{i}]"] = value
         fields.update(named)
-
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        return f"<{self.qualname} {self.fields!r}>"
 
 
 class MetadataRecord(Pickled):
@@ -102,7 +111,8 @@ class MetadataRecord(Pickled):
     order = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version")
 
     def state_dict_keys(self) -> list[Any]:
-        """The keys of ``state_dict_metadata`` without checking them (format detection)."""
+        """The keys of ``state_dict_metadata`` without checking them (format detection; call
+        it on the class, ``MetadataRecord.state_dict_keys(record)``: a field may shadow it)."""
         entries = self.fields.get("state_dict_metadata")
         return list(entries) if isinstance(entries, dict) else []
 
@@ -121,7 +131,7 @@ class ChunkRecord(Pickled):
     known, strict = frozenset((*order, "strides")), True  # per-chunk strides: as per tensor
 
 
-class PropertiesRecord(Pickled):
+class PropertiesRecord(Positional):
     """``TensorProperties``: pickled as a tuple since torch 2.1 (``__getstate__``)."""
 
     order = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory", "strides")
@@ -138,7 +148,7 @@ class StorageInfoRecord(Pickled):
     known, strict = frozenset(order), True
 
 
-class EnumRecord(Pickled):
+class EnumRecord(Positional):
     """An enum member, pickled as ``Class(value)``."""
 
     order = ("value",)
@@ -180,9 +190,7 @@ _STANDINS: dict[tuple[str, str], type[Pickled]] = {
 }
 
 
-def _size(*args: Any) -> tuple[Any, ...]:
-    """``torch.Size(values)`` as a plain tuple (checked where it is used)."""
-    return tuple(args[0]) if args else ()
+_size = tuple  # ``torch.Size(values)`` as a plain tuple (checked where it is used)
 
 
 class _MetadataUnpickler(SafeUnpickler):

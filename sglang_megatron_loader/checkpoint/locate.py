@@ -138,7 +138,7 @@ def _is_plain_dcp_save(meta_path: Path) -> bool:
         meta, _ = unpickle_dcp_metadata(meta_path.read_bytes(), source=str(meta_path))
     except (CorruptCheckpointError, OSError):
         return False
-    keys = meta.state_dict_keys() if isinstance(meta, MetadataRecord) else []
+    keys = MetadataRecord.state_dict_keys(meta) if isinstance(meta, MetadataRecord) else []
     return "args" in keys and any(isinstance(k, str) and k.startswith("model.") for k in keys)
 
 

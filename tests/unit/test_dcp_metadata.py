@@ -288,12 +288,34 @@ def test_stand_ins_take_every_form_of_pickled_state() -> None:
     """dict BUILD, (dict, slots) BUILD, tuple state, constructor arguments: fields by name."""
     record: Pickled = _load_standin(pickle.dumps(torch_meta.ChunkStorageMetadata((0,), (4,))))
     assert record.fields == {"offsets": (0,), "sizes": (4,)}
-    record.__setstate__(({"offsets": (1,)}, {"strides": (1,)}))
-    assert record.fields == {"offsets": (1,), "sizes": (4,), "strides": (1,)}
+    record = _load_standin(_with_state(({"offsets": (1,)}, {"strides": (1,)})))
+    assert record.fields == {"offsets": (1,), "strides": (1,)}
     props = _load_standin(pickle.dumps(torch_meta.TensorProperties(dtype=torch.bfloat16)))
     assert props.fields["dtype"] is torch.bfloat16 and props.fields["pin_memory"] is False
     enum = _load_standin(pickle.dumps(torch_meta._MEM_FORMAT_ENCODING(1)))
     assert enum.fields == {"value": 1}  # pickled as a call: _MEM_FORMAT_ENCODING(1)
+
+
+def _with_state(state: tuple[dict, dict]) -> bytes:
+    """A pickled ChunkStorageMetadata whose BUILD state is ``state`` (a dataclass with slots)."""
+    body = pickle.dumps(state, protocol=2)[2:-1]
+    return (
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nChunkStorageMetadata\n)\x81"
+        + body
+        + b"b."
+    )
+
+
+def test_pickled_fields_cannot_shadow_the_stand_ins_settings(tmp_path, torch_215_pickling) -> None:
+    """Fields named like a stand-in's settings (``strict``, ``known``) are only fields: an
+    unknown field beside them is still refused by name."""
+
+    def edit(meta):
+        chunk = meta.state_dict_metadata[QKV].chunks[0]
+        chunk.strict, chunk.known, chunk.later = False, frozenset({"later"}), 1
+
+    with pytest.raises(UnsupportedCheckpointError, match=r"ChunkStorageMetadata\.known = "):
+        read_dcp_metadata(_damage(tmp_path, edit))
 
 
 def _load_standin(data: bytes) -> Pickled:
