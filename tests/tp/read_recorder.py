@@ -1,8 +1,9 @@
 """Test-only: what one ``--load-format megatron`` build reads from the checkpoint folder.
 
 Used inside the rank processes of ``harness.py``. Everything is observed from outside the
-package: ``os.pread``/``os.preadv`` on the folder's files (and the runs of the mapped copies that
-read column slices, ``scatter.read_mapped``), the ``.metadata`` parses behind the reader's
+package: ``os.pread``/``os.preadv`` on the folder's files (and the scattered ``preadv`` calls,
+``scatter._preadv_iov``, and the runs of the mapped copies that read column slices,
+``scatter.read_mapped``), the ``.metadata`` parses behind the reader's
 per-process cache (``dcp.read_dcp_metadata``), and wrappers around the loader's
 ``load_model``/``load_weights_into``/``execute_plan`` and the reader's ``read_slice``.
 """
@@ -81,6 +82,16 @@ class ReadRecorder:
 
             return wrapped
 
+        def preadv_iov(original: Any) -> Any:  # scattered preadv (one buffer per dest run)
+            def wrapped(fd: int, iov: Any, offset: int) -> int:
+                n = original(fd, iov, offset)
+                path = rec._path(fd)
+                if path:
+                    rec.reads.append((rec.phase, "data", rec._rel(path), offset, n))
+                return n
+
+            return wrapped
+
         def read_mapped(original: Any) -> Any:
             def wrapped(f: Any, base: int, sizes: Any, box: Any, dest: Any, **kw: Any) -> None:
                 original(f, base, sizes, box, dest, **kw)  # a column slice: no preadv
@@ -139,6 +150,7 @@ class ReadRecorder:
         patch(os, "pread", pread)
         patch(os, "preadv", preadv)
         patch(scatter, "read_mapped", read_mapped)
+        patch(scatter, "_preadv_iov", preadv_iov)
         patch(dcp, "read_dcp_metadata", parse)  # the parse behind the per-process cache
         patch(dcp.DcpCheckpoint, "read_slice", read_slice)
         patch(loader.MegatronModelLoader, "load_model", load_model)

@@ -180,6 +180,12 @@ class IoLog:
                 self.reads.append(("data", os.path.relpath(p, self.folder), offset, n))
             return n
 
+        def preadv_iov(fd: int, iov, offset: int) -> int:  # noqa: ANN001 - scattered preadv
+            n = real_iov(fd, iov, offset)
+            if p := path_of(fd):
+                self.reads.append(("data", os.path.relpath(p, self.folder), offset, n))
+            return n
+
         def read_mapped(f, base, sizes, box, dest, *, source):  # noqa: ANN001
             real_mapped(f, base, sizes, box, dest, source=source)  # column slices: no preadv
             if p := path_of(f.fileno()):
@@ -188,11 +194,12 @@ class IoLog:
                     rel = os.path.relpath(p, self.folder)
                     self.reads.append(("data", rel, base + first * size, n * size))
 
-        real_mapped = scatter.read_mapped
+        real_mapped, real_iov = scatter.read_mapped, scatter._preadv_iov
         monkeypatch.setattr(builtins, "open", opener)
         monkeypatch.setattr(os, "pread", pread)
         monkeypatch.setattr(os, "preadv", preadv)
         monkeypatch.setattr(scatter, "read_mapped", read_mapped)
+        monkeypatch.setattr(scatter, "_preadv_iov", preadv_iov)
 
 
 @pytest.mark.parametrize("name", ["legacy_fp32_tp2pp2", "legacy_fp32_pp2vpp2", "legacy_fp32_tp1"])

@@ -30,7 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from test_planner import hf_full, sglang_shard
 
-from sglang_megatron_loader.checkpoint import MegatronCheckpoint
+from sglang_megatron_loader.checkpoint import MegatronCheckpoint, scatter
 from sglang_megatron_loader.engine import execute_plan
 from sglang_megatron_loader.export.stream import HfStream
 from sglang_megatron_loader.inspect_ckpt import format_text, inspect
@@ -66,12 +66,14 @@ def optimizer_ckpt() -> dict[str, Path]:
 
 
 class Reads:
-    """``os.pread``/``os.preadv`` calls on files of one folder: (relative path, offset, n, kind)."""
+    """``os.pread``/``os.preadv`` calls (and the reader's scattered ``preadv``) on files of one
+    folder: (relative path, offset, n, kind)."""
 
     def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.folder, self.log = os.path.realpath(folder), []
         for name, kind in (("pread", "meta"), ("preadv", "data")):
             monkeypatch.setattr(os, name, self._wrap(getattr(os, name), kind))
+        monkeypatch.setattr(scatter, "_preadv_iov", self._wrap(scatter._preadv_iov, "data"))
 
     def _wrap(self, original, kind: str):
         def wrapped(fd: int, arg, offset: int, *rest):
