@@ -222,6 +222,20 @@ def split_read(read: Read, param_ndim: int, itemsize: int, max_bytes: int) -> li
     return out
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero(t: torch.Tensor) -> None:
+    """``t.zero_()``; on the CPU by numpy on the calling thread: torch wakes its intra-op
+    threads for a few padding rows (56 rows of 1024 bf16: 5-9 ms a call while the 2-core
+    machine ran a test suite, 0.05 ms this way; on an idle machine both ~0.04 ms)."""
+    bits = _SAME_SIZE_INT.get(t.element_size())
+    if t.device.type != "cpu" or bits is None or t.is_complex():
+        t.zero_()
+    elif t.numel():
+        t.detach().view(bits).numpy().fill(0)
+
+
 def execute_plan(
     ckpt: MegatronCheckpoint,
     plan: RankPlan,
@@ -271,7 +285,7 @@ def execute_plan(
             ndim = dest.dim() - len(r.dst_lead)  # a fused expert weight: rows of one expert
             jobs += [(sub, dest) for sub in split_read(r, ndim, itemsize, max_read_bytes)]
         if p.zero_rows:
-            dest[p.zero_rows[0] : p.zero_rows[1]].zero_()
+            zero(dest[p.zero_rows[0] : p.zero_rows[1]])
     stager = Stager(threads + 2, max_read_bytes, devices)
 
     def run(job: tuple[Read, torch.Tensor]) -> None:

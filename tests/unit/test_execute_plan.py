@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from sglang_megatron_loader import engine
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint
 from sglang_megatron_loader.engine import dims_for, execute_plan, hf_config_for
 from sglang_megatron_loader.models import table_for
@@ -94,3 +95,17 @@ def test_default_reader_threads_follow_the_ranks_cores_on_a_cpu() -> None:
         assert default_threads(torch.device("cuda", 0)) == THREADS
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.int8])
+def test_padding_rows_are_zeroed_in_place_whatever_the_layout(dtype) -> None:
+    """``zero`` (the vocabulary padding rows): contiguous rows and a strided view alike, the
+    rest untouched, without torch's intra-op threads on the CPU."""
+    base = torch.full((10, 12), 7, dtype=dtype)
+    engine.zero(base[6:])
+    engine.zero(base[:3, 4:9])
+    engine.zero(base[3:3])  # empty
+    want = torch.full((10, 12), 7, dtype=dtype)
+    want[6:] = 0
+    want[:3, 4:9] = 0
+    assert torch.equal(base, want)
