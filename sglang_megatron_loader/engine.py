@@ -245,6 +245,7 @@ def execute_plan(
     threads: int = THREADS,
     max_read_bytes: int = STAGING_BYTES,
     staging: bool = False,
+    prefault: bool = True,
 ) -> LoadReport:
     """Fill each parameter's destination tensor from the checkpoint.
 
@@ -254,7 +255,9 @@ def execute_plan(
     host buffers of ``max_read_bytes`` (pinned for a GPU; asynchronous copies overlapped with
     the next reads; casts on the device): see :class:`Stager`. ``staging=True`` sends every
     read through the buffers (tests of that path on a CPU). CPU parameters are faulted in
-    whole before the first read (:func:`prefault.populate`).
+    whole before the first read (:func:`prefault.populate`) unless ``prefault`` is False: a
+    reload into parameters already in memory, where the call only walks their page tables
+    (0.015 s per 0.5 GB, summed over the threads, in a served-TP1 reload).
     """
     from tqdm import tqdm
 
@@ -279,7 +282,7 @@ def execute_plan(
             )
         itemsize = ckpt.tensors[p.reads[0].key].dtype.itemsize if p.reads else 1
         devices.add(dest.device)
-        if dest.device.type == "cpu" and p.reads:
+        if prefault and dest.device.type == "cpu" and p.reads:
             fresh.setdefault(dest.data_ptr(), dest)
         for r in p.reads:
             ndim = dest.dim() - len(r.dst_lead)  # a fused expert weight: rows of one expert

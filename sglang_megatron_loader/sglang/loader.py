@@ -287,9 +287,11 @@ def load_weights_into(
     progress: bool = True,
     threads: int = THREADS,
     plan: RankPlan | None = None,
+    prefault: bool = True,
 ) -> None:
     """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``, through the mapping
-    table of the model's own architecture (``model.config``).
+    table of the model's own architecture (``model.config``). ``prefault=False``: the parameters
+    are already in memory (a reload); see :func:`execute_plan`.
 
     Every read is planned (and every shape checked) before the first byte is copied; ``plan``,
     this rank's plan of the whole model (:func:`plan_checkpoint`), is used when it covers the
@@ -322,6 +324,7 @@ def load_weights_into(
         lambda p: params[p.name].data,
         progress=progress and tp.rank == 0,
         threads=threads,
+        prefault=prefault,
     )
     filled = {p.name for p in plan.params}
     if filled != set(params):

@@ -25,7 +25,7 @@ from sglang_megatron_loader.checkpoint import (
 )
 from sglang_megatron_loader.checkpoint.integrity import verify_integrity
 from sglang_megatron_loader.config import ModelDims
-from sglang_megatron_loader.engine import checkpoint_hf_config, dims_for
+from sglang_megatron_loader.engine import checkpoint_hf_config, default_threads, dims_for
 from sglang_megatron_loader.errors import MegatronLoaderError
 from sglang_megatron_loader.sglang.ranks import Outcome, TpRanks
 
@@ -323,11 +323,14 @@ def _load(updater: Any, ckpt: MegatronCheckpoint | None, dims: ModelDims | None)
     from sglang_megatron_loader.sglang.loader import load_weights_into
 
     model, device = updater.get_model(), torch.device(updater.device)
-    progress = bool(_extra(updater).get("progress", True))
+    extra = _extra(updater)
+    progress = bool(extra.get("progress", True))
+    threads = int(extra.get("threads") or default_threads(device))  # as at start
     try:
         with set_default_torch_dtype(updater.model_config.dtype):
             DefaultModelLoader.restore_weights_before_loading(model, device)
-            load_weights_into(model, ckpt, dims, progress=progress)
+            # the served parameters are in memory already: no pre-faulting walk over them
+            load_weights_into(model, ckpt, dims, progress=progress, threads=threads, prefault=False)
             DefaultModelLoader.postprocess_weights(model, device)
     except Exception as exc:  # any failure, on any rank, is rolled back on every rank
         logger.exception("loading %s failed on this rank", ckpt.location.iter_dir)

@@ -109,3 +109,24 @@ def test_padding_rows_are_zeroed_in_place_whatever_the_layout(dtype) -> None:
     want[6:] = 0
     want[:3, 4:9] = 0
     assert torch.equal(base, want)
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_reloads_skip_the_prefault_walk_and_fill_the_same(
+    megatron_ckpt, reference, monkeypatch, prefault: bool
+) -> None:
+    """``prefault=False`` (a reload into parameters already in memory): no populate call,
+    the same values; the default populates every CPU parameter once."""
+    calls: list[int] = []
+    real = engine.populate
+    monkeypatch.setattr(engine, "populate", lambda t: calls.append(t.data_ptr()) or real(t))
+    root = megatron_ckpt("bf16_tp1")
+    config = hf_config_for(root)
+    full = reference("bf16_tp1")
+    with MegatronCheckpoint(root) as ckpt:
+        plan = plan_rank(table_for(config), dims_for(ckpt, config), ckpt.tensors, Tp(0, 1))
+        dests = {p.name: torch.full(p.shape, -7, dtype=torch.bfloat16) for p in plan.params}
+        execute_plan(ckpt, plan, lambda p: dests[p.name], progress=False, prefault=prefault)
+    for p in plan.params:
+        assert torch.equal(dests[p.name], _expected(p, full, torch.bfloat16)), p.name
+    assert sorted(calls) == (sorted(d.data_ptr() for d in dests.values()) if prefault else [])
