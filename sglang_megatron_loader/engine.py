@@ -19,6 +19,7 @@ from sglang_megatron_loader.arg_policy import SERVED
 from sglang_megatron_loader.checkpoint import MegatronCheckpoint, resolve
 from sglang_megatron_loader.checkpoint.bridge import RUN_CONFIG
 from sglang_megatron_loader.checkpoint.locate import find_tokenizer
+from sglang_megatron_loader.checkpoint.scatter import SAME_SIZE_INT
 from sglang_megatron_loader.config import ModelDims, hf_config_from_args, unsupported_args
 from sglang_megatron_loader.errors import UnsupportedCheckpointError, WeightMismatchError
 from sglang_megatron_loader.gcpause import paused_gc
@@ -222,18 +223,15 @@ def split_read(read: Read, param_ndim: int, itemsize: int, max_bytes: int) -> li
     return out
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def zero(t: torch.Tensor) -> None:
     """``t.zero_()``; on the CPU by numpy on the calling thread: torch wakes its intra-op
     threads for a few padding rows (56 rows of 1024 bf16: 5-9 ms a call while the 2-core
     machine ran a test suite, 0.05 ms this way; on an idle machine both ~0.04 ms)."""
-    bits = _SAME_SIZE_INT.get(t.element_size())
+    bits = SAME_SIZE_INT.get(t.element_size())
     if t.device.type != "cpu" or bits is None or t.is_complex():
         t.zero_()
     elif t.numel():
-        t.detach().view(bits).numpy().fill(0)
+        t.detach().view(bits.torch).numpy().fill(0)
 
 
 def execute_plan(

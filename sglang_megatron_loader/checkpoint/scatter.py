@@ -50,7 +50,8 @@ class _Bits(NamedTuple):
     torch: torch.dtype
 
 
-_SAME_SIZE_INT = {
+#: An integer dtype of each item size: copying its bits copies any dtype (bfloat16 included).
+SAME_SIZE_INT = {
     1: _Bits(np.uint8, torch.uint8),
     2: _Bits(np.int16, torch.int16),
     4: _Bits(np.int32, torch.int32),
@@ -194,7 +195,7 @@ def read_mapped(f: BinaryIO, base: int, sizes: tuple[int, ...], box: Box, dest: 
     try:
         if _one_span(box, sizes) and hasattr(m, "madvise"):
             m.madvise(mmap.MADV_WILLNEED)
-        bits = _SAME_SIZE_INT[itemsize]  # a copy of bits: any dtype, bfloat16 included
+        bits = SAME_SIZE_INT[itemsize]  # a copy of bits: any dtype, bfloat16 included
         flat = np.frombuffer(m, dtype=bits.numpy, count=last - first + 1, offset=lo_byte - page)
         src = np.lib.stride_tricks.as_strided(
             flat, [hi - lo for lo, hi in box], [s * itemsize for s in strides], writeable=False
