@@ -231,7 +231,7 @@ class MegatronModelLoader(BaseModelLoader):
             ckpt,
             dims,
             progress=bool(self.extra.get("progress", True)),
-            threads=int(self.extra.get("threads") or default_threads(_device_of(model))),
+            threads=self.extra.get("threads"),
             plan=plan,
         )
 
@@ -285,13 +285,15 @@ def load_weights_into(
     dims: Any,
     *,
     progress: bool = True,
-    threads: int = THREADS,
+    threads: int | None = None,
     plan: RankPlan | None = None,
     prefault: bool = True,
 ) -> None:
     """Fill every parameter of ``model`` (this rank's shards) from ``ckpt``, through the mapping
-    table of the model's own architecture (``model.config``). ``prefault=False``: the parameters
-    are already in memory (a reload); see :func:`execute_plan`.
+    table of the model's own architecture (``model.config``). ``threads``: reader threads, by
+    default :func:`default_threads` of the model's device (at start and on reload alike).
+    ``prefault=False``: the parameters are already in memory (a reload); see
+    :func:`execute_plan`.
 
     Every read is planned (and every shape checked) before the first byte is copied; ``plan``,
     this rank's plan of the whole model (:func:`plan_checkpoint`), is used when it covers the
@@ -323,7 +325,7 @@ def load_weights_into(
         plan,
         lambda p: params[p.name].data,
         progress=progress and tp.rank == 0,
-        threads=threads,
+        threads=threads or default_threads(_device_of(model)),
         prefault=prefault,
     )
     filled = {p.name for p in plan.params}

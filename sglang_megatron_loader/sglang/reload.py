@@ -25,7 +25,7 @@ from sglang_megatron_loader.checkpoint import (
 )
 from sglang_megatron_loader.checkpoint.integrity import verify_integrity
 from sglang_megatron_loader.config import ModelDims
-from sglang_megatron_loader.engine import checkpoint_hf_config, default_threads, dims_for
+from sglang_megatron_loader.engine import checkpoint_hf_config, dims_for
 from sglang_megatron_loader.errors import MegatronLoaderError
 from sglang_megatron_loader.sglang.ranks import Outcome, TpRanks
 
@@ -324,8 +324,7 @@ def _load(updater: Any, ckpt: MegatronCheckpoint | None, dims: ModelDims | None)
 
     model, device = updater.get_model(), torch.device(updater.device)
     extra = _extra(updater)
-    progress = bool(extra.get("progress", True))
-    threads = int(extra.get("threads") or default_threads(device))  # as at start
+    progress, threads = bool(extra.get("progress", True)), extra.get("threads")  # as at start
     try:
         with set_default_torch_dtype(updater.model_config.dtype):
             DefaultModelLoader.restore_weights_before_loading(model, device)
