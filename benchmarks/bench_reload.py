@@ -8,9 +8,10 @@ reads alone, without the fresh-memory cost of a first load (``bench_matrix.py``)
 ``tp`` rank processes on a gloo group build SGLang's real model once (from the export), then
 alternate, each on a fresh hard-linked path (page cache warm, no per-process cache):
 
-* **megatron**: what ``reload.py`` does on each rank (open the checkpoint, check its config
-  against the served model, SGLang's restore step, fill every parameter, SGLang's
-  post-processing), on the rank's reader threads, without pre-faulting;
+* **megatron**: ``reload.py``'s own check and load steps on each rank (open the checkpoint,
+  check its config against the served model, SGLang's restore step, fill every parameter,
+  SGLang's post-processing), called with a stand-in for the parts of SGLang's
+  ``WeightUpdater`` they use; what is left out is the agreement between ranks and the commit;
 * **exported**: SGLang's own ``WeightUpdater.update_weights_from_disk`` steps on the HF export
   (``DefaultModelLoader``'s weights iterator, restore, ``load_weights_and_postprocess``).
 
@@ -22,14 +23,17 @@ per-round ratios megatron/exported and their min-max. The checkpoints are ``benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -55,11 +59,8 @@ def _worker(job: dict[str, Any], rank: int) -> None:
     from sglang.srt.model_loader.loader import DefaultModelLoader
     from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-    from sglang_megatron_loader.checkpoint import MegatronCheckpoint
-    from sglang_megatron_loader.config import ModelDims
-    from sglang_megatron_loader.engine import checkpoint_hf_config, default_threads, dims_for
-    from sglang_megatron_loader.gcpause import paused_gc
-    from sglang_megatron_loader.sglang.loader import load_weights_into
+    from sglang_megatron_loader.checkpoint import resolve
+    from sglang_megatron_loader.sglang import reload
 
     cpu, dtype = torch.device("cpu"), getattr(torch, job["dtype"])
 
@@ -74,16 +75,22 @@ def _worker(job: dict[str, Any], rank: int) -> None:
             DefaultModelLoader.restore_weights_before_loading(model, cpu)
             loader.load_weights_and_postprocess(model, weights, cpu)
 
+    # what reload.py's steps use of SGLang's WeightUpdater (no extra config: default threads)
+    updater = SimpleNamespace(
+        model_config=model_config,
+        device="cpu",
+        get_model=lambda: model,
+        get_model_runner=lambda: SimpleNamespace(load_config=None),
+    )
+
     def megatron(path: Path) -> None:  # reload.py's _check and _load, on this rank
-        with paused_gc(), MegatronCheckpoint(path) as ckpt:
-            overrides = {"vocab_size": model_config.hf_config.vocab_size}
-            new = dims_for(ckpt, checkpoint_hf_config(ckpt, overrides))
-            serving = ModelDims.from_hf_config(model_config.hf_config, new.padded_vocab_size)
-            with set_default_torch_dtype(dtype):
-                DefaultModelLoader.restore_weights_before_loading(model, cpu)
-                load_weights_into(model, ckpt, serving, progress=False,
-                                  threads=default_threads(cpu), prefault=False)  # fmt: skip
-                DefaultModelLoader.postprocess_weights(model, cpu)
+        with contextlib.ExitStack() as stack:
+            checked = reload._check(updater, resolve(path), stack)
+            outcome = checked.outcome
+            if outcome.ok:
+                outcome = reload._load(updater, checked.ckpt, checked.dims)
+        if not outcome.ok:
+            raise SystemExit(f"rank {rank}: reload failed: {outcome.message}")
 
     import gc
 
@@ -103,11 +110,6 @@ def _worker(job: dict[str, Any], rank: int) -> None:
     r.barrier()
     sys.stdout.flush()
     os._exit(0)
-
-
-def _med(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def run(tp: int, job: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -139,9 +141,9 @@ def run(tp: int, job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     ratios = sorted(by["megatron"][k] / by["exported"][k] for k in by["megatron"])
     return {
         "served": tp,
-        "megatron_s": _med(list(by["megatron"].values())),
-        "exported_s": _med(list(by["exported"].values())),
-        "megatron/exported": _med(ratios),
+        "megatron_s": statistics.median(list(by["megatron"].values())),
+        "exported_s": statistics.median(list(by["exported"].values())),
+        "megatron/exported": statistics.median(ratios),
         "range": [ratios[0], ratios[-1]],
     }
 
